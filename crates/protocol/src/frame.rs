@@ -1,0 +1,416 @@
+//! The master <-> worker pipe frames.
+//!
+//! Every frame is a fixed-width big-endian `u32` length (of what follows),
+//! then a one-byte kind, then the kind's fields:
+//!
+//! ```text
+//! master -> worker (request pipe)
+//!   kind 1 REQUEST  seq:u64 family:u8 (4|6) ip:[u8;4|16] port:u16
+//!                   [v6 only: flowinfo:u32 scope_id:u32] payload:rest
+//! worker -> master (completion pipe)
+//!   kind 2 READY    pid:u32
+//!   kind 3 DONE     seq:u64 op:u8 outcome:u8 id:rest (raw JSON id text, may be empty)
+//! ```
+//!
+//! Several frames travel in one pipe write. [`FrameBuf`] accumulates what a
+//! reader got and hands out whole frames; a stream that ends inside a frame
+//! is an error, one that ends between frames is a clean end.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
+use crate::{Op, Outcome, MAX_UDP_PAYLOAD};
+
+/// The largest frame body accepted: a maximal datagram plus its header.
+pub const MAX_FRAME: usize = MAX_UDP_PAYLOAD + 64;
+
+/// The longest JSON id a completion carries (longer ones are cut; the
+/// client still gets its whole id in the reply).
+pub const MAX_DONE_ID: usize = 128;
+
+const KIND_REQUEST: u8 = 1;
+const KIND_READY: u8 = 2;
+const KIND_DONE: u8 = 3;
+
+/// A pipe stream that does not follow the framing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The length prefix is over [`MAX_FRAME`].
+    #[error("frame length {0} is over the limit of {MAX_FRAME} bytes")]
+    TooLong(usize),
+    /// The kind byte is not one this direction carries.
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    /// The body is shorter than its kind's fields, or a field is invalid.
+    #[error("malformed {0} frame")]
+    Malformed(&'static str),
+    /// The stream ended inside a frame.
+    #[error("stream ended inside a frame ({0} bytes left over)")]
+    Truncated(usize),
+}
+
+/// A frame the master sends a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToWorker<'a> {
+    /// One client datagram to answer.
+    Request {
+        /// The master's sequence number, echoed in the completion.
+        seq: u64,
+        /// Where the reply goes.
+        client: SocketAddr,
+        /// The datagram as received.
+        payload: &'a [u8],
+    },
+}
+
+/// A frame a worker sends its master.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToMaster<'a> {
+    /// The worker has started and is reading requests.
+    Ready {
+        /// The worker's own PID.
+        pid: u32,
+    },
+    /// The worker has answered request `seq` (the reply is already sent).
+    Done {
+        /// The sequence number of the request frame.
+        seq: u64,
+        /// What was asked.
+        op: Op,
+        /// How it ended.
+        outcome: Outcome,
+        /// The request's raw JSON id (cut at [`MAX_DONE_ID`]), or empty.
+        id: &'a [u8],
+    },
+}
+
+/// Appends a REQUEST frame to `out`.
+pub fn encode_request(seq: u64, client: SocketAddr, payload: &[u8], out: &mut Vec<u8>) {
+    let addr_len = match client {
+        SocketAddr::V4(_) => 1 + 4 + 2,
+        SocketAddr::V6(_) => 1 + 16 + 2 + 8,
+    };
+    let body = 1 + 8 + addr_len + payload.len();
+    out.reserve(4 + body);
+    out.extend_from_slice(&(body as u32).to_be_bytes());
+    out.push(KIND_REQUEST);
+    out.extend_from_slice(&seq.to_be_bytes());
+    match client {
+        SocketAddr::V4(a) => {
+            out.push(4);
+            out.extend_from_slice(&a.ip().octets());
+            out.extend_from_slice(&a.port().to_be_bytes());
+        }
+        SocketAddr::V6(a) => {
+            out.push(6);
+            out.extend_from_slice(&a.ip().octets());
+            out.extend_from_slice(&a.port().to_be_bytes());
+            out.extend_from_slice(&a.flowinfo().to_be_bytes());
+            out.extend_from_slice(&a.scope_id().to_be_bytes());
+        }
+    }
+    out.extend_from_slice(payload);
+}
+
+/// Appends a READY frame to `out`.
+pub fn encode_ready(pid: u32, out: &mut Vec<u8>) {
+    out.extend_from_slice(&5u32.to_be_bytes());
+    out.push(KIND_READY);
+    out.extend_from_slice(&pid.to_be_bytes());
+}
+
+/// Appends a DONE frame to `out`; an id over [`MAX_DONE_ID`] bytes is cut.
+pub fn encode_done(seq: u64, op: Op, outcome: Outcome, id: &[u8], out: &mut Vec<u8>) {
+    let id = &id[..id.len().min(MAX_DONE_ID)];
+    let body = 1 + 8 + 1 + 1 + id.len();
+    out.extend_from_slice(&(body as u32).to_be_bytes());
+    out.push(KIND_DONE);
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.push(op as u8);
+    out.push(outcome.to_u8());
+    out.extend_from_slice(id);
+}
+
+/// Splits the first whole frame off `buf`: `Ok(None)` when `buf` holds
+/// less than one frame, else the kind, the body and the bytes used.
+fn split_frame(buf: &[u8]) -> Result<Option<(u8, &[u8], usize)>, FrameError> {
+    let Some(len) = buf.get(..4) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes(len.try_into().expect("four bytes")) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLong(len));
+    }
+    if len == 0 {
+        return Err(FrameError::Malformed("empty"));
+    }
+    match buf.get(4..4 + len) {
+        None => Ok(None),
+        Some(body) => Ok(Some((body[0], &body[1..], 4 + len))),
+    }
+}
+
+/// A cursor over a frame body.
+struct Fields<'a>(&'a [u8], &'static str);
+
+impl<'a> Fields<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
+        if self.0.len() < n {
+            return Err(FrameError::Malformed(self.1));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], FrameError> {
+        Ok(self.take(N)?.try_into().expect("exact length"))
+    }
+    fn u8(&mut self) -> Result<u8, FrameError> {
+        Ok(self.take(1)?[0])
+    }
+}
+
+/// Decodes the first frame of `buf` as master -> worker.
+///
+/// # Errors
+/// A [`FrameError`] when the bytes are not a valid frame; the stream is then
+/// unusable.
+pub fn decode_to_worker(buf: &[u8]) -> Result<Option<(ToWorker<'_>, usize)>, FrameError> {
+    let Some((kind, body, used)) = split_frame(buf)? else {
+        return Ok(None);
+    };
+    if kind != KIND_REQUEST {
+        return Err(FrameError::UnknownKind(kind));
+    }
+    let mut f = Fields(body, "request");
+    let seq = u64::from_be_bytes(f.array()?);
+    let client = match f.u8()? {
+        4 => {
+            let ip = Ipv4Addr::from(f.array::<4>()?);
+            let port = u16::from_be_bytes(f.array()?);
+            SocketAddr::V4(SocketAddrV4::new(ip, port))
+        }
+        6 => {
+            let ip = Ipv6Addr::from(f.array::<16>()?);
+            let port = u16::from_be_bytes(f.array()?);
+            let flow = u32::from_be_bytes(f.array()?);
+            let scope = u32::from_be_bytes(f.array()?);
+            SocketAddr::V6(SocketAddrV6::new(ip, port, flow, scope))
+        }
+        _ => return Err(FrameError::Malformed("request")),
+    };
+    Ok(Some((
+        ToWorker::Request {
+            seq,
+            client,
+            payload: f.0,
+        },
+        used,
+    )))
+}
+
+/// Decodes the first frame of `buf` as worker -> master.
+///
+/// # Errors
+/// A [`FrameError`] when the bytes are not a valid frame.
+pub fn decode_to_master(buf: &[u8]) -> Result<Option<(ToMaster<'_>, usize)>, FrameError> {
+    let Some((kind, body, used)) = split_frame(buf)? else {
+        return Ok(None);
+    };
+    let frame = match kind {
+        KIND_READY => {
+            let mut f = Fields(body, "ready");
+            let pid = u32::from_be_bytes(f.array()?);
+            if !f.0.is_empty() {
+                return Err(FrameError::Malformed("ready"));
+            }
+            ToMaster::Ready { pid }
+        }
+        KIND_DONE => {
+            let mut f = Fields(body, "done");
+            let seq = u64::from_be_bytes(f.array()?);
+            let op = Op::from_u8(f.u8()?).ok_or(FrameError::Malformed("done"))?;
+            let outcome = Outcome::from_u8(f.u8()?).ok_or(FrameError::Malformed("done"))?;
+            if f.0.len() > MAX_DONE_ID {
+                return Err(FrameError::Malformed("done"));
+            }
+            ToMaster::Done {
+                seq,
+                op,
+                outcome,
+                id: f.0,
+            }
+        }
+        other => return Err(FrameError::UnknownKind(other)),
+    };
+    Ok(Some((frame, used)))
+}
+
+/// A reader's buffer of pipe bytes that hands out whole frames.
+///
+/// Read into [`FrameBuf::spare`], record the count with
+/// [`FrameBuf::filled`], then take frames until `None`.
+#[derive(Debug)]
+pub struct FrameBuf {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl FrameBuf {
+    /// A buffer that reads up to `capacity` bytes at a time (it grows when
+    /// one frame is larger).
+    pub fn with_capacity(capacity: usize) -> Self {
+        FrameBuf {
+            buf: vec![0; capacity.max(64)],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Room to read into, after moving any partial frame to the front and
+    /// growing the buffer if a whole frame would not fit.
+    pub fn spare(&mut self) -> &mut [u8] {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end == self.buf.len() {
+            let grown = (self.buf.len() * 2)
+                .min(MAX_FRAME + 4)
+                .max(self.buf.len() + 1);
+            self.buf.resize(grown, 0);
+        }
+        &mut self.buf[self.end..]
+    }
+
+    /// Records that `n` bytes were read into [`FrameBuf::spare`].
+    pub fn filled(&mut self, n: usize) {
+        self.end = (self.end + n).min(self.buf.len());
+    }
+
+    /// Bytes received that do not yet make a whole frame.
+    pub fn pending(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Checks a stream that has just ended: a clean end between frames,
+    /// or [`FrameError::Truncated`].
+    ///
+    /// # Errors
+    /// [`FrameError::Truncated`] when bytes of an unfinished frame remain.
+    pub fn finish(&self) -> Result<(), FrameError> {
+        match self.pending() {
+            0 => Ok(()),
+            n => Err(FrameError::Truncated(n)),
+        }
+    }
+
+    /// The next whole master -> worker frame, if one has arrived.
+    ///
+    /// # Errors
+    /// A [`FrameError`] for bytes that are not a valid frame.
+    pub fn next_to_worker(&mut self) -> Result<Option<ToWorker<'_>>, FrameError> {
+        match decode_to_worker(&self.buf[self.start..self.end])? {
+            None => Ok(None),
+            Some((frame, used)) => {
+                self.start += used;
+                Ok(Some(frame))
+            }
+        }
+    }
+
+    /// The next whole worker -> master frame, if one has arrived.
+    ///
+    /// # Errors
+    /// A [`FrameError`] for bytes that are not a valid frame.
+    pub fn next_to_master(&mut self) -> Result<Option<ToMaster<'_>>, FrameError> {
+        match decode_to_master(&self.buf[self.start..self.end])? {
+            None => Ok(None),
+            Some((frame, used)) => {
+                self.start += used;
+                Ok(Some(frame))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorCode;
+
+    #[test]
+    fn frames_round_trip_through_a_split_stream() {
+        let v4: SocketAddr = "127.0.0.1:5555".parse().unwrap();
+        let v6: SocketAddr = "[::1]:6666".parse().unwrap();
+        let mut wire = Vec::new();
+        encode_request(1, v4, b"7", &mut wire);
+        encode_request(u64::MAX, v6, b"{\"op\":\"hello\"}", &mut wire);
+        let mut fb = FrameBuf::with_capacity(64);
+        let mut got = Vec::new();
+        for chunk in wire.chunks(3) {
+            fb.spare()[..chunk.len()].copy_from_slice(chunk);
+            fb.filled(chunk.len());
+            while let Some(ToWorker::Request {
+                seq,
+                client,
+                payload,
+            }) = fb.next_to_worker().unwrap()
+            {
+                got.push((seq, client, payload.to_vec()));
+            }
+        }
+        fb.finish().unwrap();
+        assert_eq!(
+            got,
+            vec![
+                (1, v4, b"7".to_vec()),
+                (u64::MAX, v6, b"{\"op\":\"hello\"}".to_vec())
+            ]
+        );
+
+        let mut wire = Vec::new();
+        encode_ready(42, &mut wire);
+        encode_done(
+            9,
+            Op::Square,
+            Outcome::Error(ErrorCode::Busy),
+            b"\"x\"",
+            &mut wire,
+        );
+        let (f1, used) = decode_to_master(&wire).unwrap().unwrap();
+        assert_eq!(f1, ToMaster::Ready { pid: 42 });
+        let (f2, _) = decode_to_master(&wire[used..]).unwrap().unwrap();
+        assert_eq!(
+            f2,
+            ToMaster::Done {
+                seq: 9,
+                op: Op::Square,
+                outcome: Outcome::Error(ErrorCode::Busy),
+                id: b"\"x\""
+            }
+        );
+    }
+
+    #[test]
+    fn bad_streams_are_errors() {
+        assert_eq!(
+            decode_to_master(&[0, 0, 0, 0]),
+            Err(FrameError::Malformed("empty"))
+        );
+        assert_eq!(
+            decode_to_master(&[255, 0, 0, 0]),
+            Err(FrameError::TooLong(0xff00_0000))
+        );
+        assert_eq!(
+            decode_to_master(&[0, 0, 0, 1, 9]),
+            Err(FrameError::UnknownKind(9))
+        );
+        let mut fb = FrameBuf::with_capacity(64);
+        fb.spare()[..3].copy_from_slice(&[0, 0, 0]);
+        fb.filled(3);
+        assert_eq!(fb.next_to_master(), Ok(None));
+        assert_eq!(fb.finish(), Err(FrameError::Truncated(3)));
+    }
+}

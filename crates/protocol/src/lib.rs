@@ -1,0 +1,207 @@
+//! The udp-pool wire formats, and nothing else: no sockets, no pipes, no
+//! clocks. Every byte a client, the master or a worker sends is defined here.
+//!
+//! Two formats live in this crate:
+//!
+//! * the **client datagram** protocol, in two dialects told apart by the
+//!   first non-blank byte: JSON (`{"op":"square","n":12,"id":7}`) and the
+//!   lecture's plain text (`12`, `Hi server!`);
+//! * the **pipe frames** the master and its workers exchange: length-prefixed
+//!   binary frames carrying a request sequence number, the client address and
+//!   the payload one way, readiness and completions the other way.
+//!
+//! # Layout
+//! * [`request`]: one place that parses a datagram into a [`request::Parsed`].
+//! * [`reply`]: one place that computes and renders a reply into a buffer.
+//! * [`frame`]: the master <-> worker pipe framing.
+//!
+//! The shared vocabulary ([`Op`], [`ErrorCode`], [`Outcome`], [`Dialect`])
+//! is defined below; `docs/PROTOCOL.md` documents all of it for users.
+
+pub mod frame;
+pub mod reply;
+pub mod request;
+
+pub use reply::{write_error, write_reply, ReplyContext};
+pub use request::{parse, Parsed, ProtocolError, Request};
+
+/// The largest UDP payload that fits in one IPv4 datagram; a reply longer
+/// than this cannot be sent and becomes a `too_large` error instead.
+pub const MAX_UDP_PAYLOAD: usize = 65_507;
+
+/// The longest `sleep` a client may ask for, in milliseconds.
+pub const MAX_SLEEP_MS: u64 = 10_000;
+
+/// Which of the two client dialects a datagram (and so its reply) uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// The datagram's first non-blank byte is `{`: JSON in, JSON out.
+    Json,
+    /// Anything else: the lecture's plain text in, plain text out.
+    Text,
+}
+
+/// What a request asked for, as recorded in completions and the journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Op {
+    /// The request could not be parsed far enough to know its op.
+    Invalid = 0,
+    /// Square a number (JSON `square`, or a text number).
+    Square = 1,
+    /// A greeting naming the worker (JSON `hello`, or any other text).
+    Hello = 2,
+    /// Sleep, then reply: a stand-in for slow work.
+    Sleep = 3,
+    /// Fault injection: the worker aborts mid-request.
+    Crash = 4,
+    /// Pool statistics, answered by the master itself.
+    Stats = 5,
+}
+
+impl Op {
+    /// Every op, in wire order.
+    pub const ALL: [Op; 6] = [
+        Op::Invalid,
+        Op::Square,
+        Op::Hello,
+        Op::Sleep,
+        Op::Crash,
+        Op::Stats,
+    ];
+
+    /// The op's name as it appears in JSON requests and the journal.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Invalid => "invalid",
+            Op::Square => "square",
+            Op::Hello => "hello",
+            Op::Sleep => "sleep",
+            Op::Crash => "crash",
+            Op::Stats => "stats",
+        }
+    }
+
+    /// The op with this wire byte, if any.
+    pub fn from_u8(b: u8) -> Option<Op> {
+        Op::ALL.get(usize::from(b)).copied()
+    }
+}
+
+/// The stable error codes of `{"ok":false,"error":CODE,...}` replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ErrorCode {
+    /// Malformed JSON, a missing or mistyped field, or bytes that are not UTF-8.
+    BadRequest = 1,
+    /// The `op` is not one this server knows.
+    UnknownOp = 2,
+    /// A value is outside what the op accepts, or its result is not finite.
+    OutOfRange = 3,
+    /// The datagram is over `--max-datagram`, or the reply would not fit in one datagram.
+    TooLarge = 4,
+    /// Every worker already holds `--max-inflight` requests.
+    Busy = 5,
+    /// The request's worker died twice while holding it.
+    WorkerCrashed = 6,
+    /// The request's worker did not answer within `--request-timeout-ms`.
+    Timeout = 7,
+    /// The op exists but is switched off (`crash` without `--enable-fault-injection`).
+    Disabled = 8,
+    /// The server stopped before a worker could answer.
+    ShuttingDown = 9,
+}
+
+impl ErrorCode {
+    /// Every code, in wire order.
+    pub const ALL: [ErrorCode; 9] = [
+        ErrorCode::BadRequest,
+        ErrorCode::UnknownOp,
+        ErrorCode::OutOfRange,
+        ErrorCode::TooLarge,
+        ErrorCode::Busy,
+        ErrorCode::WorkerCrashed,
+        ErrorCode::Timeout,
+        ErrorCode::Disabled,
+        ErrorCode::ShuttingDown,
+    ];
+
+    /// The code as it appears in replies and in the journal.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::OutOfRange => "out_of_range",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Busy => "busy",
+            ErrorCode::WorkerCrashed => "worker_crashed",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::Disabled => "disabled",
+            ErrorCode::ShuttingDown => "shutting_down",
+        }
+    }
+
+    /// The code with this wire byte, if any.
+    pub fn from_u8(b: u8) -> Option<ErrorCode> {
+        ErrorCode::ALL.iter().copied().find(|c| *c as u8 == b)
+    }
+}
+
+/// How a request ended: what a completion frame and a journal row record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// A successful reply was sent.
+    Ok,
+    /// An error reply with this code was sent.
+    Error(ErrorCode),
+    /// Nothing was sent, by design (an empty datagram).
+    NoReply,
+}
+
+impl Outcome {
+    /// The outcome as one wire byte: 0 ok, 255 no reply, else the error code.
+    pub fn to_u8(self) -> u8 {
+        match self {
+            Outcome::Ok => 0,
+            Outcome::Error(c) => c as u8,
+            Outcome::NoReply => 255,
+        }
+    }
+
+    /// The outcome with this wire byte, if any.
+    pub fn from_u8(b: u8) -> Option<Outcome> {
+        match b {
+            0 => Some(Outcome::Ok),
+            255 => Some(Outcome::NoReply),
+            _ => ErrorCode::from_u8(b).map(Outcome::Error),
+        }
+    }
+
+    /// `ok`, `no_reply` or the error code, as the journal stores it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Error(c) => c.as_str(),
+            Outcome::NoReply => "no_reply",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_bytes_round_trip() {
+        for op in Op::ALL {
+            assert_eq!(Op::from_u8(op as u8), Some(op));
+        }
+        for code in ErrorCode::ALL {
+            let o = Outcome::Error(code);
+            assert_eq!(Outcome::from_u8(o.to_u8()), Some(o));
+        }
+        assert_eq!(Outcome::from_u8(0), Some(Outcome::Ok));
+        assert_eq!(Outcome::from_u8(255), Some(Outcome::NoReply));
+        assert_eq!(Outcome::from_u8(200), None);
+    }
+}
