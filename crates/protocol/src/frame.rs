@@ -130,9 +130,12 @@ pub fn encode_done(seq: u64, op: Op, outcome: Outcome, id: &[u8], out: &mut Vec<
     out.extend_from_slice(id);
 }
 
+/// A whole frame split off a buffer: its kind, its body and the bytes used.
+type SplitFrame<'a> = (u8, &'a [u8], usize);
+
 /// Splits the first whole frame off `buf`: `Ok(None)` when `buf` holds
-/// less than one frame, else the kind, the body and the bytes used.
-fn split_frame(buf: &[u8]) -> Result<Option<(u8, &[u8], usize)>, FrameError> {
+/// less than one frame.
+fn split_frame(buf: &[u8]) -> Result<Option<SplitFrame<'_>>, FrameError> {
     let Some(len) = buf.get(..4) else {
         return Ok(None);
     };

@@ -57,7 +57,8 @@ pub fn write_reply(parsed: &Parsed<'_>, ctx: &ReplyContext, out: &mut Vec<u8>) -
     match request {
         Request::Square(n) => {
             if let Number::Integer(digits) = n {
-                let len = digits.trim_start_matches('-').len();
+                // Leading zeros do not make the square longer.
+                let len = digits.trim_start_matches('-').trim_start_matches('0').len();
                 if len.saturating_mul(2) > MAX_UDP_PAYLOAD {
                     return fail(
                         ErrorCode::TooLarge,
@@ -128,6 +129,8 @@ pub fn write_reply(parsed: &Parsed<'_>, ctx: &ReplyContext, out: &mut Vec<u8>) -
 /// Renders an error reply into `out` (cleared first): JSON
 /// `{"ok":false,"error":CODE,"message":...,"id":...}` or the text line
 /// `error: CODE: message`. `worker_pid` is named when a worker answered.
+/// An id so long that the JSON error would not fit in one datagram is left
+/// out.
 pub fn write_error(
     dialect: Dialect,
     id: Option<&str>,
@@ -142,19 +145,35 @@ pub fn write_error(
             let _ = write!(out, "error: {}: {}", code.as_str(), message);
         }
         Dialect::Json => {
-            let _ = write!(
-                out,
-                r#"{{"ok":false,"error":"{}","message":"#,
-                code.as_str()
-            );
-            let _ = serde_json::to_writer(&mut *out, message);
-            if let Some(pid) = worker_pid {
-                let _ = write!(out, r#","worker_pid":{pid}"#);
+            write_json_error(code, message, worker_pid, id, out);
+            if out.len() > MAX_UDP_PAYLOAD && id.is_some() {
+                // Only a huge id can push an error over the limit: the client
+                // gets the error without its id rather than no reply at all.
+                out.clear();
+                write_json_error(code, message, worker_pid, None, out);
             }
-            close_id(id, out);
         }
     }
     Outcome::Error(code)
+}
+
+fn write_json_error(
+    code: ErrorCode,
+    message: &str,
+    worker_pid: Option<u32>,
+    id: Option<&str>,
+    out: &mut Vec<u8>,
+) {
+    let _ = write!(
+        out,
+        r#"{{"ok":false,"error":"{}","message":"#,
+        code.as_str()
+    );
+    let _ = serde_json::to_writer(&mut *out, message);
+    if let Some(pid) = worker_pid {
+        let _ = write!(out, r#","worker_pid":{pid}"#);
+    }
+    close_id(id, out);
 }
 
 /// Renders a successful JSON reply built by the master (such as `stats`):

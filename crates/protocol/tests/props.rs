@@ -1,0 +1,990 @@
+//! Property tests for the wire formats: random and mutated client datagrams
+//! through `parse` + `write_reply`, and random and mutated pipe streams
+//! through the frame decoders and `FrameBuf`.
+//!
+//! The oracles here are written independently of `src/` where that is cheap
+//! (the dialect rule, which `id` a JSON object carries, the squares through
+//! `num-bigint`), so that a property checks the code instead of restating it.
+//! Case counts are kept moderate so the whole file runs in a few seconds in
+//! a debug build.
+
+use std::fmt;
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+
+use num_bigint::BigInt;
+use proptest::collection::vec;
+use proptest::option;
+use proptest::prelude::*;
+use proptest::sample::select;
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+use protocol::frame::{
+    decode_to_master, decode_to_worker, encode_done, encode_ready, encode_request, FrameBuf,
+    FrameError, ToMaster, ToWorker, MAX_DONE_ID,
+};
+use protocol::request::{may_be_stats, peek_id};
+use protocol::{
+    parse, write_error, write_reply, Dialect, ErrorCode, Op, Outcome, ReplyContext, Request,
+    MAX_SLEEP_MS, MAX_UDP_PAYLOAD,
+};
+
+// ---------------------------------------------------------------------------
+// Oracles
+
+/// A JSON object as its entries in order, duplicates kept, values raw: what
+/// the properties need to see a reply (or request) exactly as written.
+struct Entries<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'a> Entries<'a> {
+    fn get(&self, key: &str) -> Option<&'a str> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.get())
+    }
+    fn count(&self, key: &str) -> usize {
+        self.0.iter().filter(|(k, _)| k == key).count()
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Entries<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct EntriesVisitor;
+        impl<'de> Visitor<'de> for EntriesVisitor {
+            type Value = Entries<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut entries = Vec::new();
+                while let Some((k, v)) = map.next_entry::<String, &'de RawValue>()? {
+                    entries.push((k, v));
+                }
+                Ok(Entries(entries))
+            }
+        }
+        d.deserialize_map(EntriesVisitor)
+    }
+}
+
+/// The dialect rule, restated: the first non-blank byte is `{`.
+fn expected_dialect(datagram: &[u8]) -> Dialect {
+    match datagram.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => Dialect::Json,
+        _ => Dialect::Text,
+    }
+}
+
+/// The `id` a JSON request carries, if it parses far enough to have one: a
+/// well-formed object whose request fields are not repeated, with a scalar id.
+fn expected_id(datagram: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(datagram).ok()?;
+    let entries: Entries<'_> = serde_json::from_str(text).ok()?;
+    if ["op", "id", "n", "pid", "ms"]
+        .iter()
+        .any(|k| entries.count(k) > 1)
+    {
+        return None;
+    }
+    let id = entries.get("id")?;
+    if id.starts_with('{') || id.starts_with('[') {
+        return None;
+    }
+    Some(id)
+}
+
+fn code_named(name: &str) -> Option<ErrorCode> {
+    ErrorCode::ALL.iter().copied().find(|c| c.as_str() == name)
+}
+
+fn json_string(raw: &str) -> String {
+    serde_json::from_str(raw).unwrap_or_else(|e| panic!("{raw} is not a JSON string: {e}"))
+}
+
+fn square_of(digits: &str) -> String {
+    let v: BigInt = digits.parse().expect("test digits are an integer");
+    (&v * &v).to_string()
+}
+
+/// A parsed JSON reply, checked for what every JSON reply must be.
+struct JsonReply {
+    ok: bool,
+    error: Option<ErrorCode>,
+    id: Option<String>,
+    result: Option<String>,
+    worker_pid: Option<u32>,
+}
+
+/// Checks that `out` is one JSON object with an `ok` boolean, an `error`
+/// that is a documented code and a `message` string when `ok` is false,
+/// and no repeated keys.
+fn check_json_reply(out: &[u8]) -> JsonReply {
+    let text = std::str::from_utf8(out).expect("JSON reply is UTF-8");
+    let entries: Entries<'_> =
+        serde_json::from_str(text).unwrap_or_else(|e| panic!("reply {text:?} is not JSON: {e}"));
+    for (k, _) in &entries.0 {
+        assert_eq!(entries.count(k), 1, "key {k} repeated in {text}");
+    }
+    let ok = match entries.get("ok") {
+        Some("true") => true,
+        Some("false") => false,
+        other => panic!("reply {text} has ok = {other:?}"),
+    };
+    let error = if ok {
+        assert!(entries.get("error").is_none(), "{text}");
+        let op = json_string(entries.get("op").expect("ok reply names its op"));
+        assert!(Op::ALL.iter().any(|o| o.as_str() == op), "{text}");
+        None
+    } else {
+        let name = json_string(entries.get("error").expect("error reply has error"));
+        let code = code_named(&name).unwrap_or_else(|| panic!("undocumented code in {text}"));
+        json_string(entries.get("message").expect("error reply has message"));
+        Some(code)
+    };
+    JsonReply {
+        ok,
+        error,
+        id: entries.get("id").map(str::to_owned),
+        result: entries.get("result").map(str::to_owned),
+        worker_pid: entries
+            .get("worker_pid")
+            .map(|p| p.parse().expect("worker_pid is a u32")),
+    }
+}
+
+/// Runs one datagram through `parse` + `write_reply` and checks every
+/// property a reply has; returns the reply bytes (empty for no reply).
+fn check_datagram(datagram: &[u8], ctx: &ReplyContext) -> Vec<u8> {
+    let Some(parsed) = parse(datagram) else {
+        assert!(datagram.is_empty(), "only the empty datagram gets no reply");
+        assert_eq!(peek_id(datagram), (Dialect::Text, None));
+        return Vec::new();
+    };
+    assert!(!datagram.is_empty());
+    let dialect = expected_dialect(datagram);
+    assert_eq!(parsed.dialect, dialect);
+    assert_eq!(peek_id(datagram), (parsed.dialect, parsed.id));
+    if let Ok(r) = &parsed.request {
+        assert_eq!(parsed.op(), r.op());
+        if *r == Request::Stats {
+            assert!(
+                may_be_stats(datagram),
+                "stats request missed by may_be_stats"
+            );
+        }
+    }
+    if dialect == Dialect::Text {
+        assert_eq!(parsed.id, None);
+    }
+
+    let mut out = vec![b'x'; 3];
+    let outcome = write_reply(&parsed, ctx, &mut out);
+    assert!(!out.is_empty(), "empty reply to {datagram:?}");
+    assert!(out.len() <= MAX_UDP_PAYLOAD, "reply of {} bytes", out.len());
+    assert_ne!(outcome, Outcome::NoReply);
+    if let Err(e) = &parsed.request {
+        assert_eq!(outcome, Outcome::Error(e.code));
+    }
+
+    match dialect {
+        Dialect::Text => {
+            let text = std::str::from_utf8(&out).expect("text reply is UTF-8");
+            match outcome {
+                Outcome::Error(code) => {
+                    let head = format!("error: {}: ", code.as_str());
+                    assert!(text.starts_with(&head), "{text}");
+                    assert!(!text.contains('\n'), "one line: {text:?}");
+                }
+                _ => {
+                    let greeting = format!("Hi {}. This is server {}", ctx.client, ctx.worker_pid);
+                    let is_number = text.parse::<BigInt>().is_ok()
+                        || text.parse::<f64>().is_ok_and(f64::is_finite);
+                    assert!(text == greeting || is_number, "text reply {text:?}");
+                }
+            }
+            if std::str::from_utf8(datagram).is_err() {
+                assert_eq!(outcome, Outcome::Error(ErrorCode::BadRequest));
+            }
+        }
+        Dialect::Json => {
+            let reply = check_json_reply(&out);
+            match outcome {
+                Outcome::Ok => assert!(reply.ok),
+                Outcome::Error(code) => assert_eq!(reply.error, Some(code)),
+                Outcome::NoReply => unreachable!(),
+            }
+            assert_eq!(reply.worker_pid, Some(ctx.worker_pid));
+            let want = expected_id(datagram);
+            assert_eq!(parsed.id, want, "parsed id of {datagram:?}");
+            match (want, reply.id.as_deref()) {
+                (Some(w), Some(got)) => assert_eq!(got, w),
+                (None, got) => assert_eq!(got, None),
+                // The only reply without its id: an error the id itself
+                // would push over the datagram limit.
+                (Some(w), None) => {
+                    assert!(!reply.ok);
+                    assert!(out.len() + r#","id":"#.len() + w.len() > MAX_UDP_PAYLOAD);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The text of a reply, for the exactness properties.
+fn reply_to(datagram: &[u8], ctx: &ReplyContext) -> String {
+    String::from_utf8(check_datagram(datagram, ctx)).expect("UTF-8 reply")
+}
+
+/// The raw `result` of a successful JSON reply.
+fn json_result(datagram: &str, ctx: &ReplyContext) -> String {
+    let out = check_datagram(datagram.as_bytes(), ctx);
+    let reply = check_json_reply(&out);
+    assert!(reply.ok, "{}", String::from_utf8_lossy(&out));
+    reply.result.expect("square reply has a result")
+}
+
+// ---------------------------------------------------------------------------
+// Datagram strategies
+
+fn socket_addr() -> impl Strategy<Value = SocketAddr> {
+    prop_oneof![
+        (any::<[u8; 4]>(), any::<u16>())
+            .prop_map(|(ip, port)| SocketAddr::V4(SocketAddrV4::new(ip.into(), port))),
+        (any::<[u8; 16]>(), any::<u16>(), any::<u32>(), any::<u32>()).prop_map(
+            |(ip, port, flow, scope)| SocketAddr::V6(SocketAddrV6::new(
+                ip.into(),
+                port,
+                flow,
+                scope
+            ))
+        ),
+    ]
+}
+
+fn reply_ctx() -> impl Strategy<Value = ReplyContext> {
+    (any::<u32>(), socket_addr())
+        .prop_map(|(worker_pid, client)| ReplyContext { worker_pid, client })
+}
+
+/// JSON whitespace between tokens.
+fn json_ws() -> impl Strategy<Value = String> {
+    "[ \t\r\n]{0,2}"
+}
+
+/// A JSON integer literal: small, at the i64/u64/i128 edges, or many digits.
+fn json_integer() -> BoxedStrategy<String> {
+    prop_oneof![
+        any::<i64>().prop_map(|v| v.to_string()),
+        any::<u64>().prop_map(|v| v.to_string()),
+        any::<i128>().prop_map(|v| v.to_string()),
+        select(vec![
+            "0",
+            "-0",
+            "9223372036854775807",
+            "-9223372036854775808",
+            "18446744073709551616",
+            "170141183460469231731687303715884105728",
+        ])
+        .prop_map(str::to_owned),
+        "-?[1-9][0-9]{0,120}",
+    ]
+    .boxed()
+}
+
+/// A JSON number with a fraction or exponent, finite or not as an f64.
+fn json_decimal() -> BoxedStrategy<String> {
+    prop_oneof![
+        any::<f64>()
+            .prop_filter("finite", |x| x.is_finite())
+            .prop_map(|x| format!("{x:?}")),
+        "-?[0-9]\\.[0-9]{1,6}",
+        "-?[1-9][0-9]{0,2}(\\.[0-9]{1,3})?[eE][+-]?[0-9]{1,4}",
+    ]
+    .boxed()
+}
+
+fn json_string_literal() -> BoxedStrategy<String> {
+    prop_oneof![
+        any::<String>().prop_map(|s| serde_json::to_string(&s).unwrap()),
+        select(vec![
+            r#""square""#,
+            r#""hello""#,
+            r#""sleep""#,
+            r#""crash""#,
+            r#""stats""#,
+            r#""st\u0061ts""#,
+            r#""\ud800""#,
+            r#""""#,
+            r#""a\"b""#,
+        ])
+        .prop_map(str::to_owned),
+    ]
+    .boxed()
+}
+
+fn json_scalar() -> BoxedStrategy<String> {
+    prop_oneof![
+        select(vec!["null", "true", "false"]).prop_map(str::to_owned),
+        json_integer(),
+        json_decimal(),
+        json_string_literal(),
+    ]
+    .boxed()
+}
+
+/// Any JSON value, nested a little.
+fn json_value() -> BoxedStrategy<String> {
+    json_scalar()
+        .prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                vec(inner.clone(), 0..4).prop_map(|v| format!("[{}]", v.join(","))),
+                vec((json_key(), inner), 0..4).prop_map(|kv| render_object(&kv, "")),
+            ]
+        })
+        .boxed()
+}
+
+/// An object key as raw JSON text, biased to the request's fields.
+fn json_key() -> BoxedStrategy<String> {
+    prop_oneof![
+        select(vec![
+            r#""op""#,
+            r#""id""#,
+            r#""n""#,
+            r#""pid""#,
+            r#""ms""#,
+            r#""\u0069d""#,
+        ])
+        .prop_map(str::to_owned),
+        "\"[a-z]{1,4}\"",
+    ]
+    .boxed()
+}
+
+fn render_object(fields: &[(String, String)], ws: &str) -> String {
+    let body: Vec<String> = fields
+        .iter()
+        .map(|(k, v)| format!("{ws}{k}{ws}:{ws}{v}{ws}"))
+        .collect();
+    format!("{{{}}}", body.join(","))
+}
+
+/// A well-formed request of every op, with or without an id.
+fn valid_request() -> impl Strategy<Value = String> {
+    let q = |s: &str| format!("\"{s}\"");
+    let body = prop_oneof![
+        prop_oneof![json_integer(), json_decimal()]
+            .prop_map(move |n| vec![(q("op"), q("square")), (q("n"), n)]),
+        option::of(prop_oneof![
+            any::<u32>().prop_map(|p| p.to_string()),
+            Just("null".to_owned())
+        ])
+        .prop_map(move |pid| {
+            let mut f = vec![(q("op"), q("hello"))];
+            f.extend(pid.map(|p| (q("pid"), p)));
+            f
+        }),
+        (0..=2 * MAX_SLEEP_MS)
+            .prop_map(move |ms| vec![(q("op"), q("sleep")), (q("ms"), ms.to_string())]),
+        Just(vec![(q("op"), q("crash"))]),
+        Just(vec![(q("op"), q("stats"))]),
+    ];
+    (body, option::of(json_scalar()), any::<bool>(), json_ws()).prop_map(
+        |(mut fields, id, id_first, ws)| {
+            if let Some(id) = id {
+                let id = ("\"id\"".to_owned(), id);
+                if id_first {
+                    fields.insert(0, id);
+                } else {
+                    fields.push(id);
+                }
+            }
+            render_object(&fields, &ws)
+        },
+    )
+}
+
+/// A JSON object of random fields with random value types.
+fn random_object() -> impl Strategy<Value = String> {
+    (vec((json_key(), json_value()), 0..6), json_ws()).prop_map(|(f, ws)| render_object(&f, &ws))
+}
+
+/// What the lecture's clients send: numbers in many spellings, or words.
+fn text_payload() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "[+-]?[0-9]{1,40}",
+        "[+-]?[0-9]{0,5}\\.[0-9]{0,5}([eE][+-]?[0-9]{0,4})?",
+        "[ \t\r\n]{0,3}[+-]?[0-9]{1,10}[ \t\r\n]{0,3}",
+        any::<String>(),
+        select(vec![
+            "Hi server!",
+            "inf",
+            "NaN",
+            "-",
+            ".",
+            "1e",
+            "  ",
+            "\u{a0}7\u{3000}"
+        ])
+        .prop_map(str::to_owned),
+    ]
+}
+
+#[derive(Debug, Clone)]
+enum Mutation {
+    Flip(usize, u8),
+    Insert(usize, u8),
+    Delete(usize, usize),
+    Truncate(usize),
+    Duplicate(usize, usize),
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    let byte = prop_oneof![
+        any::<u8>(),
+        select(b"{}[]\":,\\ 0-e.".to_vec()),
+        0x80..=0xffu8,
+    ];
+    prop_oneof![
+        (any::<usize>(), 1..=255u8).prop_map(|(i, x)| Mutation::Flip(i, x)),
+        (any::<usize>(), byte).prop_map(|(i, b)| Mutation::Insert(i, b)),
+        (any::<usize>(), 1..8usize).prop_map(|(i, n)| Mutation::Delete(i, n)),
+        any::<usize>().prop_map(Mutation::Truncate),
+        (any::<usize>(), 1..16usize).prop_map(|(i, n)| Mutation::Duplicate(i, n)),
+    ]
+}
+
+fn mutate(bytes: &mut Vec<u8>, mutations: &[Mutation]) {
+    for m in mutations {
+        let len = bytes.len();
+        match *m {
+            Mutation::Flip(i, x) if len > 0 => bytes[i % len] ^= x,
+            Mutation::Insert(i, b) => bytes.insert(i % (len + 1), b),
+            Mutation::Delete(i, n) if len > 0 => {
+                let s = i % len;
+                bytes.drain(s..(s + n).min(len));
+            }
+            Mutation::Truncate(i) => bytes.truncate(i % (len + 1)),
+            Mutation::Duplicate(i, n) if len > 0 => {
+                let s = i % len;
+                let e = (s + n).min(len);
+                let chunk = bytes[s..e].to_vec();
+                bytes.splice(e..e, chunk);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Any datagram worth sending, before mutation.
+fn seed_datagram() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        vec(any::<u8>(), 0..128),
+        valid_request().prop_map(String::into_bytes),
+        random_object().prop_map(String::into_bytes),
+        text_payload().prop_map(String::into_bytes),
+        "[ \t\r\n\x0b\x0c]{0,4}".prop_map(String::into_bytes),
+    ]
+}
+
+// ---------------------------------------------------------------------------
+// Datagram properties
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn random_bytes_get_a_reply(bytes in vec(any::<u8>(), 0..256), ctx in reply_ctx()) {
+        check_datagram(&bytes, &ctx);
+        // The same bytes behind a `{`, so that they reach the JSON parser.
+        let mut json = b"{".to_vec();
+        json.extend_from_slice(&bytes);
+        check_datagram(&json, &ctx);
+    }
+
+    #[test]
+    fn mutated_datagrams_get_a_reply(
+        seed in seed_datagram(),
+        mutations in vec(mutation(), 0..4),
+        ws in ("[ \t\r\n]{0,2}", "[ \t\r\n]{0,2}"),
+        ctx in reply_ctx(),
+    ) {
+        let mut datagram = seed;
+        mutate(&mut datagram, &mutations);
+        check_datagram(&datagram, &ctx);
+        let mut padded = ws.0.into_bytes();
+        padded.extend_from_slice(&datagram);
+        padded.extend_from_slice(ws.1.as_bytes());
+        check_datagram(&padded, &ctx);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(500))]
+
+    #[test]
+    fn random_objects_get_a_reply(object in random_object(), ctx in reply_ctx()) {
+        check_datagram(object.as_bytes(), &ctx);
+    }
+
+    #[test]
+    fn valid_requests_keep_their_id_and_ignore_outer_whitespace(
+        request in valid_request(),
+        ws in ("[ \t\r\n]{1,3}", "[ \t\r\n]{0,3}"),
+        ctx in reply_ctx(),
+    ) {
+        let parsed = parse(request.as_bytes()).expect("a request is not empty");
+        prop_assert!(parsed.request.is_ok() || parsed.op() == Op::Square || parsed.op() == Op::Sleep,
+            "{request}: {:?}", parsed.request);
+        let plain = check_datagram(request.as_bytes(), &ctx);
+        let padded = format!("{}{request}{}", ws.0, ws.1);
+        prop_assert_eq!(check_datagram(padded.as_bytes(), &ctx), plain);
+    }
+
+    #[test]
+    fn text_payloads_get_a_reply(text in text_payload(), ctx in reply_ctx()) {
+        check_datagram(text.as_bytes(), &ctx);
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_crash(depth in 0usize..3000, open in select(vec!['[', '{'])) {
+        let ctx = ReplyContext { worker_pid: 1, client: "127.0.0.1:1".parse().unwrap() };
+        let inner = (if open == '[' { "[" } else { "{\"a\":" }).repeat(depth);
+        check_datagram(format!(r#"{{"op":"square","id":1,"n":{inner}"#).as_bytes(), &ctx);
+    }
+
+    #[test]
+    fn i64_squares_are_exact(v in any::<i64>(), ws in "[ \t\r\n]{0,2}", id in json_scalar(), ctx in reply_ctx()) {
+        let want = (i128::from(v) * i128::from(v)).to_string();
+        prop_assert_eq!(reply_to(format!("{ws}{v}{ws}").as_bytes(), &ctx), want.clone());
+        let request = format!(r#"{{"op":"square","n":{v},"id":{id}}}"#);
+        prop_assert_eq!(json_result(&request, &ctx), want);
+    }
+
+    #[test]
+    fn i128_squares_are_exact(v in any::<i128>(), ctx in reply_ctx()) {
+        let want = square_of(&v.to_string());
+        prop_assert_eq!(reply_to(v.to_string().as_bytes(), &ctx), want.clone());
+        prop_assert_eq!(json_result(&format!(r#"{{"op":"square","n":{v}}}"#), &ctx), want);
+    }
+
+    #[test]
+    fn big_integer_squares_are_exact(
+        sign in select(vec!["", "-", "+"]),
+        digits in prop_oneof!["[0-9]{1,60}", "[0-9]{1,1500}"],
+        ctx in reply_ctx(),
+    ) {
+        // Text allows a `+` and leading zeros; JSON allows neither.
+        let text = format!("{sign}{digits}");
+        let want = square_of(&digits);
+        prop_assert_eq!(reply_to(text.as_bytes(), &ctx), want.clone());
+        let json_digits = digits.trim_start_matches('0');
+        let json_digits = if json_digits.is_empty() { "0" } else { json_digits };
+        let json_sign = if sign == "-" { "-" } else { "" };
+        let request = format!(r#"{{"op":"square","n":{json_sign}{json_digits}}}"#);
+        prop_assert_eq!(json_result(&request, &ctx), want);
+    }
+
+    #[test]
+    fn decimal_squares_are_f64_squares(x in any::<f64>(), ctx in reply_ctx()) {
+        prop_assume!(x.is_finite());
+        let written = format!("{x:?}");
+        let text = reply_to(written.as_bytes(), &ctx);
+        let out = check_datagram(format!(r#"{{"op":"square","n":{written}}}"#).as_bytes(), &ctx);
+        let json = check_json_reply(&out);
+        let square = x * x;
+        if square.is_finite() {
+            prop_assert_eq!(text.parse::<f64>().unwrap(), square);
+            let result = json.result.expect("result");
+            // A decimal stays a decimal: `2.0` squares to `4.0`, not `4`.
+            prop_assert!(result.contains(['.', 'e', 'E']), "{}", result);
+            prop_assert_eq!(result.parse::<f64>().unwrap(), square);
+        } else {
+            prop_assert!(text.starts_with("error: out_of_range: "), "{}", text);
+            prop_assert_eq!(json.error, Some(ErrorCode::OutOfRange));
+        }
+    }
+
+    #[test]
+    fn error_replies_are_well_formed(
+        dialect in select(vec![Dialect::Json, Dialect::Text]),
+        id in option::of(json_scalar()),
+        code in select(ErrorCode::ALL.to_vec()),
+        message in any::<String>(),
+        worker_pid in option::of(any::<u32>()),
+    ) {
+        let mut out = Vec::new();
+        let outcome = write_error(dialect, id.as_deref(), code, &message, worker_pid, &mut out);
+        prop_assert_eq!(outcome, Outcome::Error(code));
+        match dialect {
+            Dialect::Text => {
+                let text = String::from_utf8(out).unwrap();
+                prop_assert_eq!(text, format!("error: {}: {message}", code.as_str()));
+            }
+            Dialect::Json => {
+                let reply = check_json_reply(&out);
+                prop_assert_eq!(reply.error, Some(code));
+                prop_assert_eq!(reply.id, id);
+                prop_assert_eq!(reply.worker_pid, worker_pid);
+            }
+        }
+    }
+}
+
+#[test]
+fn huge_numbers_are_too_large_or_exact() {
+    let ctx = ReplyContext {
+        worker_pid: 7,
+        client: "[::1]:9".parse().unwrap(),
+    };
+    let nines = "9".repeat(MAX_UDP_PAYLOAD / 2 + 1);
+    let text = reply_to(nines.as_bytes(), &ctx);
+    assert!(text.starts_with("error: too_large: "), "{text}");
+    let out = check_datagram(
+        format!(r#"{{"op":"square","n":-{nines},"id":3}}"#).as_bytes(),
+        &ctx,
+    );
+    let reply = check_json_reply(&out);
+    assert_eq!(reply.error, Some(ErrorCode::TooLarge));
+    assert_eq!(reply.id.as_deref(), Some("3"));
+
+    // Leading zeros do not make a small square too large.
+    let zeros = format!("-{}12", "0".repeat(MAX_UDP_PAYLOAD - 10));
+    assert_eq!(reply_to(zeros.as_bytes(), &ctx), "144");
+}
+
+#[test]
+fn an_id_too_long_to_echo_still_gets_an_error_reply() {
+    let ctx = ReplyContext {
+        worker_pid: 7,
+        client: "127.0.0.1:9".parse().unwrap(),
+    };
+    let id = format!("\"{}\"", "x".repeat(MAX_UDP_PAYLOAD - 40));
+    for (request, code) in [
+        (
+            format!(r#"{{"op":"hello","id":{id}}}"#),
+            ErrorCode::TooLarge,
+        ),
+        (
+            format!(r#"{{"op":"square","n":7,"id":{id}}}"#),
+            ErrorCode::TooLarge,
+        ),
+        (
+            format!(r#"{{"op":"nope","id":{id}}}"#),
+            ErrorCode::UnknownOp,
+        ),
+    ] {
+        assert!(request.len() <= MAX_UDP_PAYLOAD);
+        let out = check_datagram(request.as_bytes(), &ctx);
+        let reply = check_json_reply(&out);
+        assert_eq!(reply.error, Some(code), "{request:.40}");
+        assert_eq!(reply.id, None);
+    }
+    // An id that fits is echoed even in the too_large error.
+    let id = format!("\"{}\"", "x".repeat(MAX_UDP_PAYLOAD / 2));
+    let out = check_datagram(format!(r#"{{"op":"hello","id":{id}}}"#).as_bytes(), &ctx);
+    assert_eq!(check_json_reply(&out).id.as_deref(), Some(id.as_str()));
+}
+
+#[test]
+fn escaped_stats_is_seen_by_may_be_stats() {
+    let ctx = ReplyContext {
+        worker_pid: 7,
+        client: "127.0.0.1:9".parse().unwrap(),
+    };
+    check_datagram(br#"{"op":"st\u0061ts","id":1}"#, &ctx);
+    check_datagram(br#"{"op":"\u0073tats"}"#, &ctx);
+}
+
+// ---------------------------------------------------------------------------
+// Frame strategies and properties
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RequestFrame {
+    seq: u64,
+    client: SocketAddr,
+    payload: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum MasterFrame {
+    Ready(u32),
+    Done(u64, Op, Outcome, Vec<u8>),
+}
+
+fn all_outcomes() -> Vec<Outcome> {
+    let mut all = vec![Outcome::Ok, Outcome::NoReply];
+    all.extend(ErrorCode::ALL.iter().map(|c| Outcome::Error(*c)));
+    all
+}
+
+fn request_frame() -> impl Strategy<Value = RequestFrame> {
+    (any::<u64>(), socket_addr(), vec(any::<u8>(), 0..300)).prop_map(|(seq, client, payload)| {
+        RequestFrame {
+            seq,
+            client,
+            payload,
+        }
+    })
+}
+
+fn master_frame() -> impl Strategy<Value = MasterFrame> {
+    prop_oneof![
+        any::<u32>().prop_map(MasterFrame::Ready),
+        (
+            any::<u64>(),
+            select(Op::ALL.to_vec()),
+            select(all_outcomes()),
+            vec(any::<u8>(), 0..=MAX_DONE_ID + 40),
+        )
+            .prop_map(|(seq, op, outcome, id)| MasterFrame::Done(seq, op, outcome, id)),
+    ]
+}
+
+/// Encodes frames into one stream, returning it and where each frame ends.
+fn encode_requests(frames: &[RequestFrame]) -> (Vec<u8>, Vec<usize>) {
+    let mut wire = Vec::new();
+    let mut ends = Vec::new();
+    for f in frames {
+        encode_request(f.seq, f.client, &f.payload, &mut wire);
+        ends.push(wire.len());
+    }
+    (wire, ends)
+}
+
+fn encode_master(frames: &[MasterFrame]) -> (Vec<u8>, Vec<usize>) {
+    let mut wire = Vec::new();
+    let mut ends = Vec::new();
+    for f in frames {
+        match f {
+            MasterFrame::Ready(pid) => encode_ready(*pid, &mut wire),
+            MasterFrame::Done(seq, op, outcome, id) => {
+                encode_done(*seq, *op, *outcome, id, &mut wire)
+            }
+        }
+        ends.push(wire.len());
+    }
+    (wire, ends)
+}
+
+/// What a master frame decodes to: a DONE id is cut at `MAX_DONE_ID`.
+fn as_decoded(f: &MasterFrame) -> MasterFrame {
+    match f {
+        MasterFrame::Done(seq, op, outcome, id) => MasterFrame::Done(
+            *seq,
+            *op,
+            *outcome,
+            id[..id.len().min(MAX_DONE_ID)].to_vec(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// Feeds `stream` through a `FrameBuf` in reads of the given sizes, as a
+/// pipe reader would, and returns the frames and how the stream ended.
+fn feed<T>(
+    stream: &[u8],
+    reads: &[usize],
+    capacity: usize,
+    mut take: impl FnMut(&mut FrameBuf) -> Result<Option<T>, FrameError>,
+) -> (Vec<T>, Result<(), FrameError>) {
+    let mut fb = FrameBuf::with_capacity(capacity);
+    let mut got = Vec::new();
+    let mut rest = stream;
+    let mut sizes = reads.iter().cycle();
+    while !rest.is_empty() {
+        let spare = fb.spare();
+        assert!(!spare.is_empty(), "spare() must leave room to read");
+        let n = (*sizes.next().expect("reads is not empty"))
+            .min(rest.len())
+            .min(spare.len());
+        spare[..n].copy_from_slice(&rest[..n]);
+        fb.filled(n);
+        rest = &rest[n..];
+        loop {
+            match take(&mut fb) {
+                Ok(Some(frame)) => got.push(frame),
+                Ok(None) => break,
+                Err(e) => return (got, Err(e)),
+            }
+        }
+    }
+    (got, fb.finish())
+}
+
+fn take_request(fb: &mut FrameBuf) -> Result<Option<RequestFrame>, FrameError> {
+    Ok(fb.next_to_worker()?.map(
+        |ToWorker::Request {
+             seq,
+             client,
+             payload,
+         }| RequestFrame {
+            seq,
+            client,
+            payload: payload.to_vec(),
+        },
+    ))
+}
+
+fn take_master(fb: &mut FrameBuf) -> Result<Option<MasterFrame>, FrameError> {
+    Ok(fb.next_to_master()?.map(|f| match f {
+        ToMaster::Ready { pid } => MasterFrame::Ready(pid),
+        ToMaster::Done {
+            seq,
+            op,
+            outcome,
+            id,
+        } => MasterFrame::Done(seq, op, outcome, id.to_vec()),
+    }))
+}
+
+/// Decodes a whole buffer frame by frame with the plain decoders, checking
+/// that each frame's length is within the buffer.
+fn decode_all(buf: &[u8]) {
+    let mut at = 0;
+    while let Ok(Some((_, used))) = decode_to_worker(&buf[at..]) {
+        assert!(used >= 5 && at + used <= buf.len());
+        at += used;
+    }
+    let mut at = 0;
+    while let Ok(Some((_, used))) = decode_to_master(&buf[at..]) {
+        assert!(used >= 5 && at + used <= buf.len());
+        at += used;
+    }
+}
+
+fn reads() -> impl Strategy<Value = Vec<usize>> {
+    vec(1..400usize, 1..8)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1000))]
+
+    #[test]
+    fn request_frames_round_trip(
+        frames in vec(request_frame(), 0..8),
+        reads in reads(),
+        capacity in 0..200usize,
+    ) {
+        let (wire, _) = encode_requests(&frames);
+        let (got, end) = feed(&wire, &reads, capacity, take_request);
+        prop_assert_eq!(end, Ok(()));
+        prop_assert_eq!(&got, &frames);
+        let mut at = 0;
+        for f in &frames {
+            let (ToWorker::Request { seq, client, payload }, used) =
+                decode_to_worker(&wire[at..]).unwrap().unwrap();
+            prop_assert_eq!((seq, client, payload), (f.seq, f.client, &f.payload[..]));
+            at += used;
+        }
+        prop_assert_eq!(at, wire.len());
+    }
+
+    #[test]
+    fn master_frames_round_trip(
+        frames in vec(master_frame(), 0..8),
+        reads in reads(),
+        capacity in 0..200usize,
+    ) {
+        let (wire, _) = encode_master(&frames);
+        let (got, end) = feed(&wire, &reads, capacity, take_master);
+        prop_assert_eq!(end, Ok(()));
+        let want: Vec<MasterFrame> = frames.iter().map(as_decoded).collect();
+        prop_assert_eq!(got, want);
+    }
+
+    #[test]
+    fn truncated_streams_end_in_an_error(
+        frames in vec(request_frame(), 1..6),
+        master in vec(master_frame(), 1..6),
+        cut in any::<usize>(),
+        reads in reads(),
+    ) {
+        let (wire, ends) = encode_requests(&frames);
+        let cut = cut % (wire.len() + 1);
+        let whole = ends.iter().filter(|e| **e <= cut).count();
+        let boundary = if whole == 0 { 0 } else { ends[whole - 1] };
+        let (got, end) = feed(&wire[..cut], &reads, 64, take_request);
+        prop_assert_eq!(&got[..], &frames[..whole]);
+        prop_assert_eq!(end, if cut == boundary { Ok(()) } else { Err(FrameError::Truncated(cut - boundary)) });
+
+        let (wire, ends) = encode_master(&master);
+        let cut = cut % (wire.len() + 1);
+        let whole = ends.iter().filter(|e| **e <= cut).count();
+        let boundary = if whole == 0 { 0 } else { ends[whole - 1] };
+        let (got, end) = feed(&wire[..cut], &reads, 64, take_master);
+        let want: Vec<MasterFrame> = master[..whole].iter().map(as_decoded).collect();
+        prop_assert_eq!(got, want);
+        prop_assert_eq!(end, if cut == boundary { Ok(()) } else { Err(FrameError::Truncated(cut - boundary)) });
+    }
+
+    #[test]
+    fn random_pipe_bytes_never_panic(
+        bytes in prop_oneof![
+            vec(any::<u8>(), 0..600),
+            // A plausible length prefix, so that bodies get decoded.
+            (0..60u32, 1..=3u8, vec(any::<u8>(), 0..80)).prop_map(|(len, kind, rest)| {
+                let mut b = len.to_be_bytes().to_vec();
+                b.push(kind);
+                b.extend(rest);
+                b
+            }),
+        ],
+        reads in reads(),
+    ) {
+        decode_all(&bytes);
+        let _ = feed(&bytes, &reads, 64, take_request);
+        let _ = feed(&bytes, &reads, 64, take_master);
+    }
+
+    #[test]
+    fn mutated_pipe_streams_never_panic(
+        requests in vec(request_frame(), 1..5),
+        master in vec(master_frame(), 1..5),
+        mutations in vec(mutation(), 1..4),
+        reads in reads(),
+    ) {
+        // Frames wholly before the first changed byte still decode as sent.
+        let (wire, ends) = encode_requests(&requests);
+        let mut bad = wire.clone();
+        mutate(&mut bad, &mutations);
+        decode_all(&bad);
+        let same = wire.iter().zip(&bad).take_while(|(a, b)| a == b).count();
+        let intact = ends.iter().filter(|e| **e <= same).count();
+        let (got, _) = feed(&bad, &reads, 64, take_request);
+        prop_assert!(got.len() >= intact);
+        prop_assert_eq!(&got[..intact], &requests[..intact]);
+
+        let (wire, ends) = encode_master(&master);
+        let mut bad = wire.clone();
+        mutate(&mut bad, &mutations);
+        decode_all(&bad);
+        let same = wire.iter().zip(&bad).take_while(|(a, b)| a == b).count();
+        let intact = ends.iter().filter(|e| **e <= same).count();
+        let (got, _) = feed(&bad, &reads, 64, take_master);
+        let want: Vec<MasterFrame> = master[..intact].iter().map(as_decoded).collect();
+        prop_assert!(got.len() >= intact);
+        prop_assert_eq!(&got[..intact], &want[..]);
+    }
+}
+
+#[test]
+fn a_maximal_datagram_fits_in_a_frame() {
+    let client: SocketAddr = "[ff02::1%3]:65535".parse().unwrap();
+    // The largest UDP payload over IPv6, a little over the IPv4 limit.
+    let frames = vec![
+        RequestFrame {
+            seq: 1,
+            client,
+            payload: vec![0xab; 65_527],
+        },
+        RequestFrame {
+            seq: 2,
+            client,
+            payload: vec![b'7'],
+        },
+    ];
+    let (wire, _) = encode_requests(&frames);
+    let (got, end) = feed(&wire, &[4096, 1, 65_536], 64, take_request);
+    assert_eq!(end, Ok(()));
+    assert_eq!(got, frames);
+}
