@@ -1,0 +1,873 @@
+//! The load generator's engine: K connected UDP sockets ([`Flow`]s) driven
+//! by one poll loop, in closed loop (a window of outstanding requests per
+//! socket) or open loop (a fixed send schedule, wrk2-style), plus the
+//! `--processes` parent that runs several such loops as child processes and
+//! merges their tallies.
+//!
+//! Every request carries a per-socket `u64` id (text requests encode it in
+//! the number they square), so every reply is matched to its request:
+//! answered, duplicate, late, wrong or unmatched. A request without a reply
+//! within `--timeout-ms` counts as lost.
+
+use std::io::{self, BufRead, IsTerminal, Read, Write};
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use log::{debug, warn};
+use nix::sys::socket::{setsockopt, sockopt};
+
+use crate::addr;
+use crate::cli::{LoadArgs, MAX_DURATION_S};
+use crate::mix::Mix;
+use crate::mmsg::{RecvBatch, SendBatch, BATCH};
+use crate::report::{self, Setup, Tally};
+use crate::wire::{self, Kind, Matched};
+
+/// Receive batches taken from one socket before the loop turns to sending.
+const MAX_RECV_ROUNDS: usize = 8;
+
+/// Socket buffer sizes asked for (the kernel may cap them at its maximum).
+const RCVBUF: usize = 8 << 20;
+const SNDBUF: usize = 1 << 20;
+
+/// How often the progress bar is redrawn.
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
+/// What one load process does, resolved from the command line.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The server, on this machine.
+    pub server: SocketAddr,
+    /// Closed or open loop.
+    pub pacing: Pacing,
+    /// Sockets in this process.
+    pub sockets: usize,
+    /// When to stop sending.
+    pub duration: Duration,
+    /// Requests to send in this process, if bounded by count.
+    pub requests: Option<u64>,
+    /// What to send.
+    pub mix: Mix,
+    /// Milliseconds each sleep request asks for.
+    pub sleep_ms: u64,
+    /// When an unanswered request counts as lost.
+    pub timeout: Duration,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+}
+
+/// How requests are paced.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pacing {
+    /// Keep this many requests outstanding per socket.
+    Closed {
+        /// Outstanding requests per socket.
+        window: usize,
+    },
+    /// Send this many requests per second in this process, evenly spread
+    /// over its sockets, whatever the replies do.
+    Open {
+        /// Requests per second in this process.
+        rate: f64,
+    },
+}
+
+/// Runs the `loadgen` command line: one load process, several as child
+/// processes, or (with `--child`) one child that prints its raw tally.
+///
+/// # Errors
+/// A bad address or option, a socket that cannot be set up, a child that
+/// failed, or a report or plot that cannot be written.
+pub fn run(args: &LoadArgs) -> Result<()> {
+    let server = addr::resolve_loopback(&args.server)?;
+    let duration = match (args.duration, args.requests) {
+        (Some(d), _) => d,
+        (None, Some(_)) => MAX_DURATION_S,
+        (None, None) => 5.0,
+    };
+    if !(duration > 0.0 && duration <= MAX_DURATION_S) {
+        bail!("--duration must be more than 0 and at most {MAX_DURATION_S} seconds");
+    }
+    if let Some(rate) = args.rate {
+        if !(rate.is_finite() && rate > 0.0) {
+            bail!("--rate must be a positive number of requests per second");
+        }
+    }
+    if args.requests == Some(0) {
+        bail!("--requests must be at least 1");
+    }
+    let processes = if args.child { 1 } else { args.processes };
+    let share = |total: u64, i: u32| {
+        total / u64::from(processes) + u64::from(u64::from(i) < total % u64::from(processes))
+    };
+    let plan = Plan {
+        server,
+        pacing: match args.rate {
+            Some(rate) => Pacing::Open {
+                rate: rate / f64::from(processes),
+            },
+            None => Pacing::Closed {
+                window: args.window as usize,
+            },
+        },
+        sockets: args.sockets as usize,
+        duration: Duration::from_secs_f64(duration),
+        requests: args.requests.map(|n| share(n, 0)),
+        mix: args.mix,
+        sleep_ms: args.sleep_ms,
+        timeout: Duration::from_millis(args.timeout_ms),
+        progress: !args.quiet && !args.child && io::stderr().is_terminal(),
+    };
+    if args.child {
+        let tally = run_flows(&plan)?;
+        let mut out = io::stdout().lock();
+        serde_json::to_writer(&mut out, &tally).context("writing the tally")?;
+        writeln!(out).context("writing the tally")?;
+        return Ok(());
+    }
+    let tally = if processes > 1 {
+        run_processes(args, &plan, processes)?
+    } else {
+        run_flows(&plan)?
+    };
+    let setup = Setup {
+        server: server.to_string(),
+        mode: match plan.pacing {
+            Pacing::Closed { .. } => "closed",
+            Pacing::Open { .. } => "open",
+        },
+        window: args.rate.is_none().then_some(args.window),
+        rate: args.rate,
+        sockets: args.sockets,
+        processes,
+        mix: args.mix.to_string(),
+        timeout_ms: args.timeout_ms,
+    };
+    let mut out = io::stdout().lock();
+    if args.json {
+        serde_json::to_writer(&mut out, &report::render_json(&setup, &tally))
+            .context("writing the report")?;
+        writeln!(out).context("writing the report")?;
+    } else {
+        write!(out, "{}", report::render_text(&setup, &tally)).context("writing the report")?;
+    }
+    if let Some(path) = &args.plot {
+        std::fs::write(path, crate::plot::render_svg(&setup, &tally))
+            .with_context(|| format!("writing the plot {}", path.display()))?;
+        if !args.json {
+            writeln!(out, "plot        {}", path.display()).context("writing the report")?;
+        }
+    }
+    if tally.sent > 0 && tally.answered == 0 {
+        bail!(
+            "{} requests sent and none answered: is a server listening on {server}?",
+            tally.sent
+        );
+    }
+    Ok(())
+}
+
+/// Runs `processes` copies of this load generator, each sending its share,
+/// and merges their tallies.
+fn run_processes(args: &LoadArgs, plan: &Plan, processes: u32) -> Result<Tally> {
+    let exe = std::env::current_exe().context("finding the loadgen executable")?;
+    let mut children: Vec<Child> = Vec::new();
+    let total = args.requests;
+    for i in 0..processes {
+        let mut cmd = Command::new(&exe);
+        cmd.arg("--child")
+            .args(["--server", &plan.server.to_string()])
+            .args(["--sockets", &args.sockets.to_string()])
+            .args(["--window", &args.window.to_string()])
+            .args(["--duration", &plan.duration.as_secs_f64().to_string()])
+            .args(["--mix", &args.mix.to_string()])
+            .args(["--sleep-ms", &args.sleep_ms.to_string()])
+            .args(["--timeout-ms", &args.timeout_ms.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Pacing::Open { rate } = plan.pacing {
+            cmd.args(["--rate", &rate.to_string()]);
+        }
+        if let Some(n) = total {
+            let p = u64::from(processes);
+            let mine = n / p + u64::from(u64::from(i) < n % p);
+            if mine == 0 {
+                continue;
+            }
+            cmd.args(["--requests", &mine.to_string()]);
+        }
+        match cmd.spawn() {
+            Ok(c) => children.push(c),
+            Err(e) => {
+                stop_children(&mut children);
+                return Err(e).context("starting a load process");
+            }
+        }
+    }
+    // Every child stops by itself after its duration and drain; past this
+    // deadline something is wrong, and the children are killed.
+    let deadline = Instant::now() + plan.duration + plan.timeout * 2 + Duration::from_secs(10);
+    let bar = plan.progress.then(|| time_bar(plan.duration));
+    let start = Instant::now();
+    let mut statuses = vec![None; children.len()];
+    while statuses.iter().any(Option::is_none) {
+        for (c, s) in children.iter_mut().zip(statuses.iter_mut()) {
+            if s.is_none() {
+                *s = c.try_wait().context("waiting for a load process")?;
+            }
+        }
+        if Instant::now() > deadline {
+            stop_children(&mut children);
+            bail!("load processes did not finish in time");
+        }
+        if let Some(b) = &bar {
+            b.set_position(start.elapsed().as_millis() as u64);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let mut tally = Tally::default();
+    for (mut child, status) in children.into_iter().zip(statuses) {
+        let mut stdout = String::new();
+        let mut stderr = String::new();
+        if let Some(mut o) = child.stdout.take() {
+            o.read_to_string(&mut stdout).ok();
+        }
+        if let Some(mut e) = child.stderr.take() {
+            e.read_to_string(&mut stderr).ok();
+        }
+        let status = status.expect("every child was waited for");
+        let line = stdout.lines().last().unwrap_or("");
+        match serde_json::from_str::<Tally>(line) {
+            Ok(t) if status.success() => tally.merge(&t),
+            _ => bail!(
+                "load process {} failed ({status}): {}",
+                child.id(),
+                stderr.trim()
+            ),
+        }
+        // A child's warnings are worth passing on.
+        for l in io::Cursor::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{l}");
+        }
+    }
+    Ok(tally)
+}
+
+fn stop_children(children: &mut [Child]) {
+    for c in children.iter_mut() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+fn time_bar(duration: Duration) -> ProgressBar {
+    let bar = ProgressBar::new(duration.as_millis() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{bar:40}] {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// One request on the wire, in a ring slot indexed by its id.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    id: u64,
+    state: State,
+    kind: Kind,
+    arg: i64,
+    sent_ns: u64,
+    intended_ns: u64,
+}
+
+impl Default for Slot {
+    fn default() -> Self {
+        Slot {
+            id: 0,
+            state: State::Free,
+            kind: Kind::Square,
+            arg: 0,
+            sent_ns: 0,
+            intended_ns: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Free,
+    Outstanding,
+    Answered,
+    Lost,
+    Late,
+}
+
+/// A small, fast, seedable PRNG (xorshift64*): plenty for choosing request
+/// kinds and numbers.
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+/// Squares are asked of numbers in ±SQUARE_RANGE, whose squares an `i128`
+/// holds exactly (and which still need more than 32 bits).
+const SQUARE_RANGE: i64 = 4_000_000_000_000;
+
+/// One connected socket and the requests sent on it.
+struct Flow {
+    socket: UdpSocket,
+    /// `"Hi <our address>. This is server `, as a greeting to us starts.
+    greeting_prefix: String,
+    slots: Vec<Slot>,
+    mask: u64,
+    /// The id the next request gets (ids start at 1).
+    next_id: u64,
+    /// The lowest id that may still be outstanding.
+    oldest: u64,
+    outstanding: usize,
+    rng: Rng,
+    /// Our pid, as hello requests carry it.
+    pid: i64,
+    /// Open loop: when request `i` (counting from 0) should go, in ns since
+    /// the start: `phase_ns + i * interval_ns`.
+    phase_ns: f64,
+    interval_ns: f64,
+    /// The last send found the socket buffer full: wait for POLLOUT.
+    blocked: bool,
+    /// Sent-but-uncommitted request descriptions, parallel to the batch slots.
+    pending: [(Kind, i64); BATCH],
+}
+
+impl Flow {
+    fn new(plan: &Plan, index: usize, capacity: usize) -> Result<Flow> {
+        let socket =
+            UdpSocket::bind(addr::local_wildcard(plan.server)).context("binding a load socket")?;
+        socket
+            .connect(plan.server)
+            .with_context(|| format!("connecting a load socket to {}", plan.server))?;
+        socket
+            .set_nonblocking(true)
+            .context("making a load socket non-blocking")?;
+        // Bigger buffers absorb bursts; the kernel caps them at rmem_max.
+        if let Err(e) = setsockopt(&socket, sockopt::RcvBuf, &RCVBUF) {
+            debug!("SO_RCVBUF: {e}");
+        }
+        if let Err(e) = setsockopt(&socket, sockopt::SndBuf, &SNDBUF) {
+            debug!("SO_SNDBUF: {e}");
+        }
+        let local = socket
+            .local_addr()
+            .context("reading a load socket's address")?;
+        let (phase_ns, interval_ns) = match plan.pacing {
+            Pacing::Open { rate } => {
+                let per_socket = rate / plan.sockets as f64;
+                let interval = 1e9 / per_socket;
+                // Stagger the sockets so their sends interleave evenly.
+                (interval * index as f64 / plan.sockets as f64, interval)
+            }
+            Pacing::Closed { .. } => (0.0, 0.0),
+        };
+        let pid = std::process::id();
+        let seed = (u64::from(pid) << 32) ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        Ok(Flow {
+            socket,
+            greeting_prefix: format!("\"Hi {local}. This is server "),
+            slots: vec![Slot::default(); capacity],
+            mask: capacity as u64 - 1,
+            next_id: 1,
+            oldest: 1,
+            outstanding: 0,
+            rng: Rng(seed | 1),
+            pid: i64::from(pid),
+            phase_ns,
+            interval_ns,
+            blocked: false,
+            pending: [(Kind::Square, 0); BATCH],
+        })
+    }
+
+    fn intended_ns(&self, id: u64) -> u64 {
+        (self.phase_ns + (id - 1) as f64 * self.interval_ns) as u64
+    }
+
+    /// Sends what is due: up to the window in closed loop, everything whose
+    /// time has come in open loop; at most `budget`. Returns how many went.
+    fn send(
+        &mut self,
+        plan: &Plan,
+        batch: &mut SendBatch,
+        now_ns: u64,
+        budget: u64,
+        tally: &mut Tally,
+    ) -> u64 {
+        let mut sent = 0;
+        while sent < budget {
+            let due = match plan.pacing {
+                Pacing::Closed { window } => window.saturating_sub(self.outstanding),
+                Pacing::Open { .. } => {
+                    let mut n = 0;
+                    while n < BATCH && self.intended_ns(self.next_id + n as u64) <= now_ns {
+                        n += 1;
+                    }
+                    n
+                }
+            };
+            let n = due.min(BATCH).min((budget - sent) as usize);
+            if n == 0 {
+                break;
+            }
+            for i in 0..n {
+                let id = self.next_id + i as u64;
+                let kind = plan.mix.pick(self.rng.next());
+                let arg = match kind {
+                    Kind::Square => {
+                        (self.rng.next() % (2 * SQUARE_RANGE as u64 + 1)) as i64 - SQUARE_RANGE
+                    }
+                    Kind::Hello => self.pid,
+                    Kind::Sleep => plan.sleep_ms as i64,
+                    Kind::Text => 0,
+                };
+                self.pending[i] = (kind, arg);
+                let len = wire::render_load_request(kind, id, arg, batch.slot_mut(i));
+                batch.set_len(i, len);
+            }
+            let went = match batch.send(self.socket.as_fd(), n) {
+                Ok(k) => k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.blocked = true;
+                    0
+                }
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    // A port-unreachable from an earlier datagram; the error
+                    // is cleared, the batch is sent again next time.
+                    tally.refused += 1;
+                    0
+                }
+                Err(e) => {
+                    warn!("send: {e}");
+                    0
+                }
+            };
+            for i in 0..went {
+                let id = self.next_id;
+                self.next_id += 1;
+                let intended_ns = match plan.pacing {
+                    Pacing::Open { .. } => self.intended_ns(id),
+                    Pacing::Closed { .. } => now_ns,
+                };
+                tally.max_send_lag_ns = tally
+                    .max_send_lag_ns
+                    .max(now_ns.saturating_sub(intended_ns));
+                let slot = &mut self.slots[(id & self.mask) as usize];
+                if slot.state == State::Outstanding {
+                    // The ring wrapped around a request that is still
+                    // waiting: far older than any reply we expect.
+                    tally.lost += 1;
+                    self.outstanding -= 1;
+                }
+                let (kind, arg) = self.pending[i];
+                *slot = Slot {
+                    id,
+                    state: State::Outstanding,
+                    kind,
+                    arg,
+                    sent_ns: now_ns,
+                    intended_ns,
+                };
+                self.outstanding += 1;
+            }
+            tally.sent += went as u64;
+            sent += went as u64;
+            if went < n {
+                break;
+            }
+        }
+        sent
+    }
+
+    /// Takes every queued reply (a bounded number of batches) and matches
+    /// it. Returns how many datagrams arrived.
+    fn receive(&mut self, batch: &mut RecvBatch, clock: &Instant, tally: &mut Tally) -> usize {
+        let mut got = 0;
+        for _ in 0..MAX_RECV_ROUNDS {
+            let n = match batch.recv(self.socket.as_fd()) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    tally.refused += 1;
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    warn!("receive: {e}");
+                    break;
+                }
+            };
+            let now_ns = clock.elapsed().as_nanos() as u64;
+            for i in 0..n {
+                match batch.get(i) {
+                    Some(d) => self.settle(d, now_ns, tally),
+                    None => tally.unmatched += 1,
+                }
+            }
+            got += n;
+            if n < BATCH {
+                break;
+            }
+        }
+        got
+    }
+
+    /// Matches one reply to its request and counts it.
+    fn settle(&mut self, datagram: &[u8], now_ns: u64, tally: &mut Tally) {
+        let (id, reply) = match wire::match_reply(datagram) {
+            Matched::Json { id, reply } => (id, Some(reply)),
+            Matched::Text { id } => (id, None),
+            Matched::TextError(code) => {
+                tally.error(code);
+                tally.unmatched += 1;
+                return;
+            }
+            Matched::Unmatched => {
+                tally.unmatched += 1;
+                return;
+            }
+        };
+        if id == 0 || id >= self.next_id {
+            tally.unmatched += 1;
+            return;
+        }
+        let slot = &mut self.slots[(id & self.mask) as usize];
+        if slot.id != id {
+            // Its slot was reused long ago: a very late reply.
+            tally.late += 1;
+            return;
+        }
+        match slot.state {
+            State::Outstanding => {}
+            State::Answered | State::Late => {
+                tally.duplicates += 1;
+                return;
+            }
+            State::Lost => {
+                slot.state = State::Late;
+                tally.late += 1;
+                return;
+            }
+            State::Free => {
+                tally.unmatched += 1;
+                return;
+            }
+        }
+        slot.state = State::Answered;
+        self.outstanding -= 1;
+        tally.answer(now_ns, now_ns.saturating_sub(slot.intended_ns));
+        match reply {
+            None if slot.kind == Kind::Text => {}
+            None => tally.wrong += 1,
+            Some(reply) => {
+                if let Some(pid) = reply.worker_pid() {
+                    tally.worker(pid);
+                }
+                if !reply.is_ok() {
+                    tally.error(&reply.error_code().unwrap_or("unknown".into()));
+                } else if slot.kind == Kind::Text
+                    || !wire::reply_is_right(slot.kind, slot.arg, &reply, &self.greeting_prefix)
+                {
+                    tally.wrong += 1;
+                }
+            }
+        }
+    }
+
+    /// Counts as lost every outstanding request sent at least `timeout_ns`
+    /// ago. Returns when the next one would expire, if any is outstanding.
+    fn expire(&mut self, now_ns: u64, timeout_ns: u64, tally: &mut Tally) -> Option<u64> {
+        while self.oldest < self.next_id {
+            let slot = &mut self.slots[(self.oldest & self.mask) as usize];
+            if slot.id == self.oldest && slot.state == State::Outstanding {
+                let expires = slot.sent_ns + timeout_ns;
+                if expires > now_ns {
+                    return Some(expires);
+                }
+                slot.state = State::Lost;
+                self.outstanding -= 1;
+                tally.lost += 1;
+            }
+            self.oldest += 1;
+        }
+        None
+    }
+}
+
+/// The ring size for each socket: room for every request that can be
+/// outstanding within one timeout, twice over.
+fn ring_capacity(plan: &Plan) -> usize {
+    let need = match plan.pacing {
+        Pacing::Closed { window } => window * 4,
+        Pacing::Open { rate } => {
+            (rate / plan.sockets as f64 * plan.timeout.as_secs_f64() * 2.0) as usize
+        }
+    };
+    need.clamp(4096, 1 << 21).next_power_of_two()
+}
+
+/// Runs one load process: its sockets, one poll loop, until the sending
+/// is done and every request is answered or lost.
+///
+/// # Errors
+/// When a socket cannot be set up or polling fails.
+pub fn run_flows(plan: &Plan) -> Result<Tally> {
+    // Wake-ups of the open loop should be as punctual as the kernel allows.
+    // SAFETY: PR_SET_TIMERSLACK only changes this thread's timer slack.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
+    }
+    let capacity = ring_capacity(plan);
+    let mut flows = (0..plan.sockets)
+        .map(|i| Flow::new(plan, i, capacity))
+        .collect::<Result<Vec<_>>>()?;
+    let mut send_batch = SendBatch::default();
+    let mut recv_batch = RecvBatch::default();
+    let mut tally = Tally::default();
+    let timeout_ns = plan.timeout.as_nanos() as u64;
+    let send_end_ns = plan.duration.as_nanos() as u64;
+    // A hard stop, whatever happens: the sending, then one timeout to drain.
+    let hard_end_ns = send_end_ns + timeout_ns + 1_000_000_000;
+    let mut remaining = plan.requests.unwrap_or(u64::MAX);
+    let bar = plan.progress.then(|| time_bar(plan.duration));
+    let mut next_progress = Instant::now();
+    let mut pollfds: Vec<libc::pollfd> = flows
+        .iter()
+        .map(|f| libc::pollfd {
+            fd: f.socket.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let clock = Instant::now();
+    let mut sending = true;
+    loop {
+        let mut busy = false;
+        for f in flows.iter_mut() {
+            busy |= f.receive(&mut recv_batch, &clock, &mut tally) > 0;
+        }
+        let now_ns = clock.elapsed().as_nanos() as u64;
+        if sending && now_ns >= send_end_ns {
+            sending = false;
+            tally.send_ns = send_end_ns;
+        } else if sending && remaining == 0 {
+            sending = false;
+            tally.send_ns = now_ns;
+        }
+        if sending {
+            for f in flows.iter_mut() {
+                if remaining == 0 {
+                    break;
+                }
+                let n = f.send(plan, &mut send_batch, now_ns, remaining, &mut tally);
+                remaining -= n;
+                busy |= n > 0;
+            }
+        }
+        let mut next_expiry = u64::MAX;
+        for f in flows.iter_mut() {
+            if let Some(t) = f.expire(now_ns, timeout_ns, &mut tally) {
+                next_expiry = next_expiry.min(t);
+            }
+        }
+        let outstanding: usize = flows.iter().map(|f| f.outstanding).sum();
+        if !sending && outstanding == 0 {
+            break;
+        }
+        if now_ns >= hard_end_ns {
+            warn!("stopping with {outstanding} requests still outstanding");
+            tally.lost += outstanding as u64;
+            break;
+        }
+        if let Some(b) = &bar {
+            if Instant::now() >= next_progress {
+                next_progress += PROGRESS_EVERY;
+                b.set_position(now_ns / 1_000_000);
+                b.set_message(format!(
+                    "sent {} answered {} lost {}",
+                    tally.sent, tally.answered, tally.lost
+                ));
+            }
+        }
+        if busy {
+            continue;
+        }
+        // Nothing to do right now: sleep until a reply, a due send, an
+        // expiry, the end of sending, or the next progress redraw.
+        let mut wake_ns = next_expiry.min(hard_end_ns);
+        if sending {
+            wake_ns = wake_ns.min(send_end_ns);
+            if let Pacing::Open { .. } = plan.pacing {
+                for f in &flows {
+                    wake_ns = wake_ns.min(f.intended_ns(f.next_id));
+                }
+            }
+        }
+        if bar.is_some() {
+            let until = next_progress.saturating_duration_since(Instant::now());
+            wake_ns = wake_ns.min(now_ns + until.as_nanos() as u64);
+        }
+        let now_ns = clock.elapsed().as_nanos() as u64;
+        if wake_ns <= now_ns {
+            continue;
+        }
+        for (p, f) in pollfds.iter_mut().zip(&flows) {
+            p.events = libc::POLLIN | if f.blocked { libc::POLLOUT } else { 0 };
+            p.revents = 0;
+        }
+        poll_for(&mut pollfds, wake_ns - now_ns)?;
+        for (p, f) in pollfds.iter().zip(flows.iter_mut()) {
+            if p.revents & libc::POLLOUT != 0 {
+                f.blocked = false;
+            }
+        }
+    }
+    if sending {
+        tally.send_ns = clock.elapsed().as_nanos() as u64;
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(tally)
+}
+
+/// Waits up to `ns` nanoseconds for any of `fds` to be ready.
+fn poll_for(fds: &mut [libc::pollfd], ns: u64) -> Result<()> {
+    let ts = libc::timespec {
+        tv_sec: (ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: `fds` is a valid slice of pollfd for the length passed, and
+    // `ts` lives for the call; no signal mask is passed.
+    let r = unsafe {
+        libc::ppoll(
+            fds.as_mut_ptr(),
+            fds.len() as libc::nfds_t,
+            &ts,
+            std::ptr::null(),
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e).context("polling the load sockets");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny square server on a thread: answers JSON squares correctly,
+    /// except that every `dup_every`-th reply is sent twice and every
+    /// `drop_every`-th request gets no reply.
+    fn square_server(drop_every: u64, dup_every: u64) -> (SocketAddr, std::thread::JoinHandle<()>) {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let addr = sock.local_addr().unwrap();
+        let h = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            let mut n = 0u64;
+            while let Ok((len, from)) = sock.recv_from(&mut buf) {
+                n += 1;
+                if n.checked_rem(drop_every) == Some(0) {
+                    continue;
+                }
+                let v: serde_json::Value = serde_json::from_slice(&buf[..len]).unwrap();
+                let x = v["n"].as_i64().unwrap() as i128;
+                let reply = format!(
+                    r#"{{"ok":true,"op":"square","result":{},"worker_pid":7,"id":{}}}"#,
+                    x * x,
+                    v["id"]
+                );
+                sock.send_to(reply.as_bytes(), from).unwrap();
+                if n.checked_rem(dup_every) == Some(0) {
+                    sock.send_to(reply.as_bytes(), from).unwrap();
+                }
+            }
+        });
+        (addr, h)
+    }
+
+    fn plan(server: SocketAddr, pacing: Pacing, requests: u64) -> Plan {
+        Plan {
+            server,
+            pacing,
+            sockets: 2,
+            duration: Duration::from_secs(10),
+            requests: Some(requests),
+            mix: Mix::default(),
+            sleep_ms: 0,
+            timeout: Duration::from_millis(200),
+            progress: false,
+        }
+    }
+
+    #[test]
+    fn closed_loop_counts_loss_and_duplicates() {
+        let (addr, h) = square_server(10, 7);
+        let t = run_flows(&plan(addr, Pacing::Closed { window: 4 }, 200)).unwrap();
+        h.join().unwrap();
+        assert_eq!(t.sent, 200);
+        assert_eq!(t.lost, 20);
+        assert_eq!(t.answered, 180);
+        assert_eq!(t.wrong, 0);
+        assert_eq!(t.per_pid[&7], 180);
+        // Every 7th request is answered twice, unless it was the dropped one.
+        assert_eq!(
+            t.duplicates,
+            (1..=200u64).filter(|n| n % 7 == 0 && n % 10 != 0).count() as u64
+        );
+    }
+
+    #[test]
+    fn open_loop_keeps_its_schedule() {
+        let (addr, h) = square_server(0, 0);
+        let start = Instant::now();
+        let t = run_flows(&plan(addr, Pacing::Open { rate: 1000.0 }, 200)).unwrap();
+        h.join().unwrap();
+        let took = start.elapsed();
+        assert_eq!((t.sent, t.answered, t.lost), (200, 200, 0));
+        assert!(took >= Duration::from_millis(190), "{took:?}");
+        assert!(t.send_ns >= 190_000_000, "{}", t.send_ns);
+    }
+
+    #[test]
+    fn ring_is_sized_for_the_timeout() {
+        let mut p = plan(
+            "127.0.0.1:1".parse().unwrap(),
+            Pacing::Open { rate: 1e6 },
+            1,
+        );
+        p.timeout = Duration::from_secs(1);
+        assert_eq!(ring_capacity(&p), 1 << 20);
+        p.pacing = Pacing::Closed { window: 64 };
+        assert_eq!(ring_capacity(&p), 4096);
+    }
+}
