@@ -1,1 +1,70 @@
-//! placeholder
+//! The udp-pool master: binds one UDP socket, supervises a fixed pool of
+//! `worker` processes, hands each datagram to one of them over a pipe, and
+//! keeps the SQLite journal of what happened.
+//!
+//! # Layout
+//! * [`cli`]: the command line.
+//! * [`arbiter`]: the event loop (gunicorn's arbiter, nginx's master cycle)
+//!   and its steps: read datagrams, dispatch, reap, time out, respawn.
+//! * [`pool`]: a worker slot and the requests it holds.
+//! * [`spawn`]: fork and exec of one worker with its pipes.
+//! * [`udp`]: the server socket and batched receive.
+//! * [`signals`]: signals through a signalfd.
+//! * [`ledger`]: counters, journal rows, and the master's own replies.
+//! * [`journal`]: the SQLite journal and its writer thread.
+//! * [`report`]: `master report`.
+
+pub mod arbiter;
+pub mod cli;
+pub mod journal;
+pub mod ledger;
+pub mod pool;
+pub mod report;
+pub mod signals;
+pub mod spawn;
+pub mod udp;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+/// Serves until stopped by a signal.
+///
+/// # Errors
+/// When the server cannot start (socket, journal, workers) or its loop fails.
+pub fn serve(args: &cli::ServeArgs) -> anyhow::Result<()> {
+    let worker_path = match &args.worker_path {
+        Some(p) => p.clone(),
+        None => default_worker_path()?,
+    };
+    if !(args.graceful_timeout.is_finite() && args.graceful_timeout >= 0.0) {
+        bail!("--graceful-timeout must be a number of seconds >= 0");
+    }
+    let cfg = arbiter::Config {
+        bind: args.bind,
+        workers: usize::from(args.workers),
+        worker_path,
+        max_datagram: args.max_datagram as usize,
+        max_inflight: args.max_inflight as usize,
+        request_timeout: Duration::from_millis(args.request_timeout_ms),
+        graceful_timeout: Duration::from_secs_f64(args.graceful_timeout),
+        max_requests: args.max_requests,
+        max_requests_jitter: args.max_requests_jitter,
+        fault_injection: args.enable_fault_injection,
+        journal: (args.journal != "none").then(|| PathBuf::from(&args.journal)),
+        journal_max_rows: args.journal_max_rows,
+    };
+    if cfg.workers == 0 && cfg.fault_injection {
+        log::warn!(
+            "--enable-fault-injection has no effect with --workers 0: the master never aborts"
+        );
+    }
+    arbiter::Arbiter::new(cfg)?.run()
+}
+
+/// The `worker` executable next to the running `master`.
+fn default_worker_path() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot locate the master executable")?;
+    Ok(exe.with_file_name("worker"))
+}

@@ -1,1 +1,45 @@
-//! placeholder
+//! The udp-pool worker: reads request frames from its pipe, computes each
+//! reply, sends it straight to the client on the UDP socket it inherited
+//! from the master, and reports each completion back over a second pipe.
+//!
+//! # Layout
+//! * [`handoff`]: how the master tells a worker which descriptors are its
+//!   own (the `UDP_POOL_WORKER` environment variable).
+//! * [`batch`]: [`batch::ReplyBatch`], replies gathered and sent with one
+//!   `sendmmsg`; the master's inline mode uses it too.
+//! * [`serve`]: the worker's loop.
+//!
+//! A worker stops cleanly when its request pipe reaches end of stream (the
+//! master closed it: retire, reload, shutdown) after answering everything it
+//! read. It dies with its master through `PR_SET_PDEATHSIG`, set by the
+//! master between fork and exec.
+
+pub mod batch;
+pub mod handoff;
+pub mod serve;
+
+use protocol::{Parsed, Request};
+
+/// Whether a request blocks the process that serves it (`sleep`, or
+/// `crash` with fault injection on): replies gathered so far are sent
+/// before it runs, so that fast requests never wait behind a slow one.
+pub fn blocks(parsed: &Parsed<'_>, fault_injection: bool) -> bool {
+    match parsed.request {
+        Ok(Request::Sleep { ms }) => ms > 0,
+        Ok(Request::Crash) => fault_injection,
+        _ => false,
+    }
+}
+
+/// Performs a request's side effect, if it has one: sleeping for `sleep`,
+/// aborting the whole process for `crash` when fault injection is on.
+pub fn perform_effect(parsed: &Parsed<'_>, fault_injection: bool) {
+    match parsed.request {
+        Ok(Request::Sleep { ms }) => std::thread::sleep(std::time::Duration::from_millis(ms)),
+        Ok(Request::Crash) if fault_injection => {
+            log::warn!("crash requested (fault injection): aborting");
+            std::process::abort();
+        }
+        _ => {}
+    }
+}

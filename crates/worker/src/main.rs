@@ -1,1 +1,27 @@
-fn main() {}
+//! `worker`: started by `master`, one per pool slot. See the `worker` crate.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let Ok(value) = std::env::var(worker::handoff::ENV) else {
+        eprintln!(
+            "worker: this program is started by `master` (try `master --workers 4`), not by hand"
+        );
+        return ExitCode::from(2);
+    };
+    let handoff = match value.parse() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("worker: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match worker::serve::run(handoff) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("worker {}: {e:#}", std::process::id());
+            ExitCode::FAILURE
+        }
+    }
+}

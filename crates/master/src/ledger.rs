@@ -1,0 +1,223 @@
+//! Accounting: counters for `stats`, journal rows, recycled payload
+//! buffers, and the replies the master sends itself.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsFd;
+use std::time::Instant;
+
+use protocol::{Dialect, ErrorCode, Op, Outcome};
+use worker::batch::ReplyBatch;
+
+use crate::journal::{Journal, RequestId, RequestRow};
+use crate::pool::InFlight;
+
+/// Counters over the master's life, shown by `stats`.
+#[derive(Debug, Default, Clone)]
+pub struct Totals {
+    /// Datagrams read from the socket.
+    pub received: u64,
+    /// Requests that ended with a successful reply.
+    pub ok: u64,
+    /// Requests that ended with an error reply, by code (indexed by the code's byte).
+    pub errors: [u64; 16],
+    /// Empty datagrams (no reply by design).
+    pub no_reply: u64,
+    /// Workers that died without being asked to.
+    pub crashes: u64,
+    /// Workers killed for holding a request past `--request-timeout-ms`.
+    pub timeouts: u64,
+    /// Workers started after the initial pool (replacements, reloads, scaling).
+    pub restarts: u64,
+    /// Requests handed to a second worker after their first one died.
+    pub redispatched: u64,
+}
+
+impl Totals {
+    /// Replies sent, successful or not.
+    pub fn answered(&self) -> u64 {
+        self.ok + self.errors.iter().sum::<u64>()
+    }
+}
+
+/// Where every finished request is counted and journaled.
+pub struct Ledger {
+    /// The counters.
+    pub totals: Totals,
+    /// The journal, unless `--journal none`.
+    pub journal: Option<Journal>,
+    rows: Vec<RequestRow>,
+    spare: Vec<Vec<u8>>,
+}
+
+impl Ledger {
+    /// A ledger writing to `journal`, if any.
+    pub fn new(journal: Option<Journal>) -> Self {
+        Ledger {
+            totals: Totals::default(),
+            journal,
+            rows: Vec::with_capacity(1024),
+            spare: Vec::new(),
+        }
+    }
+
+    /// A copy of `payload` in a recycled buffer.
+    pub fn keep_payload(&mut self, payload: &[u8]) -> Vec<u8> {
+        let mut buf = self.spare.pop().unwrap_or_default();
+        buf.clear();
+        buf.extend_from_slice(payload);
+        buf
+    }
+
+    /// Takes back a buffer from [`Ledger::keep_payload`] for reuse.
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        // Bounded by the in-flight limit in steady state; the cap only
+        // guards against a burst of huge payloads pinning memory.
+        if self.spare.len() < 4096 && buf.capacity() <= 2048 {
+            self.spare.push(buf);
+        }
+    }
+
+    /// Counts one finished request and queues its journal row.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record(
+        &mut self,
+        client: SocketAddr,
+        received: Instant,
+        received_unix_us: i64,
+        op: Op,
+        worker_pid: Option<u32>,
+        outcome: Outcome,
+        id: &[u8],
+        now: Instant,
+    ) {
+        match outcome {
+            Outcome::Ok => self.totals.ok += 1,
+            Outcome::Error(code) => self.totals.errors[code as usize] += 1,
+            Outcome::NoReply => self.totals.no_reply += 1,
+        }
+        if self.journal.is_some() {
+            self.rows.push(RequestRow {
+                ts_unix_us: received_unix_us,
+                client,
+                request_id: (!id.is_empty()).then(|| RequestId::new(id)),
+                op,
+                worker_pid,
+                outcome,
+                latency_us: now.saturating_duration_since(received).as_micros() as u64,
+            });
+        }
+    }
+
+    /// Hands the queued rows to the journal's writer thread.
+    pub fn flush_journal(&mut self) {
+        if let Some(j) = &self.journal {
+            if !self.rows.is_empty() {
+                j.submit(&mut self.rows);
+            }
+        }
+    }
+
+    /// Answers `req` with an error made by the master (busy, timeout,
+    /// worker_crashed, shutting_down), counts it, and recycles its buffer.
+    pub fn fail(
+        &mut self,
+        responder: &mut Responder,
+        req: InFlight,
+        code: ErrorCode,
+        message: &str,
+        now: Instant,
+    ) {
+        let (op, id) = responder.error_for(&req.payload, req.client, code, message);
+        self.record(
+            req.client,
+            req.received,
+            req.received_unix_us,
+            op,
+            None,
+            if op == Op::Invalid && req.payload.is_empty() {
+                Outcome::NoReply
+            } else {
+                Outcome::Error(code)
+            },
+            id.as_bytes(),
+            now,
+        );
+        self.recycle(req.payload);
+    }
+}
+
+/// The master's own replies, batched on the server socket.
+pub struct Responder {
+    /// The server socket (shared with every worker).
+    pub socket: UdpSocket,
+    /// Replies waiting to be sent.
+    pub batch: ReplyBatch,
+}
+
+impl Responder {
+    /// A responder sending on `socket`.
+    pub fn new(socket: UdpSocket) -> Self {
+        Responder {
+            socket,
+            batch: ReplyBatch::with_capacity(64),
+        }
+    }
+
+    /// Queues the error reply `code` for the datagram `payload` from
+    /// `client` (in its dialect, echoing its id). An empty datagram gets no
+    /// reply. Returns the request's op and id for the books.
+    pub fn error_for<'p>(
+        &mut self,
+        payload: &'p [u8],
+        client: SocketAddr,
+        code: ErrorCode,
+        message: &str,
+    ) -> (Op, &'p str) {
+        let Some(parsed) = protocol::parse(payload) else {
+            return (Op::Invalid, "");
+        };
+        self.ensure_room();
+        protocol::write_error(
+            parsed.dialect,
+            parsed.id,
+            code,
+            message,
+            None,
+            self.batch.next_buf(),
+        );
+        self.batch.commit(client);
+        (parsed.op(), parsed.id.unwrap_or(""))
+    }
+
+    /// Queues a `too_large` reply for a datagram cut at `--max-datagram`:
+    /// its id cannot be trusted, so none is echoed.
+    pub fn too_large(&mut self, first_bytes: &[u8], client: SocketAddr, limit: usize) {
+        let json = first_bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        let dialect = if json { Dialect::Json } else { Dialect::Text };
+        let msg = format!("datagram is over the limit of {limit} bytes (--max-datagram)");
+        self.ensure_room();
+        protocol::write_error(
+            dialect,
+            None,
+            ErrorCode::TooLarge,
+            &msg,
+            None,
+            self.batch.next_buf(),
+        );
+        self.batch.commit(client);
+    }
+
+    /// Makes room for one more reply, sending the batch if it is full.
+    pub fn ensure_room(&mut self) {
+        if self.batch.is_full() {
+            self.send();
+        }
+    }
+
+    /// Sends every queued reply.
+    pub fn send(&mut self) {
+        if let Err(e) = self.batch.send(self.socket.as_fd()) {
+            log::error!("cannot send replies: {e}");
+        }
+    }
+}

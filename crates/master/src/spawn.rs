@@ -1,0 +1,85 @@
+//! Starting one worker process: its two pipes, the hand-off, fork and exec.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::unistd::Pid;
+use worker::handoff::{self, Handoff};
+
+/// A worker just started: its PID and the master's ends of its pipes.
+pub struct Spawned {
+    /// The worker's PID.
+    pub pid: Pid,
+    /// Write end of the request pipe (non-blocking).
+    pub requests: OwnedFd,
+    /// Read end of the completion pipe (non-blocking).
+    pub completions: OwnedFd,
+}
+
+/// Starts the worker executable at `path`, handing it `socket`.
+///
+/// Every descriptor the master opens is close-on-exec; the child clears
+/// that flag on exactly its three descriptors, so no worker inherits another
+/// worker's pipes (which would hide that worker's death from the master).
+///
+/// # Errors
+/// When a pipe cannot be made or the executable cannot be started.
+pub fn spawn_worker(
+    path: &Path,
+    socket: BorrowedFd<'_>,
+    master_pid: u32,
+    fault_injection: bool,
+) -> io::Result<Spawned> {
+    let (req_r, req_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    let (done_r, done_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    for fd in [&req_w, &done_r] {
+        fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+    }
+    let inherited = [socket.as_raw_fd(), req_r.as_raw_fd(), done_w.as_raw_fd()];
+    let handoff = Handoff {
+        socket: inherited[0],
+        requests: inherited[1],
+        completions: inherited[2],
+        master: master_pid,
+        fault_injection,
+    };
+    let mut cmd = Command::new(path);
+    cmd.env(handoff::ENV, handoff.to_string())
+        .stdin(Stdio::null());
+    // SAFETY: the closure runs between fork and exec and calls only
+    // fcntl(2) and prctl(2), which are async-signal-safe system calls; it
+    // allocates nothing and touches only the copied integers above.
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in inherited {
+                if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            // Die with the master, even if it is SIGKILLed.
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) == -1
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    // The child's ends close here, in the master.
+    drop((req_r, done_w));
+    Ok(Spawned {
+        pid: Pid::from_raw(child.id() as i32),
+        requests: req_w,
+        completions: done_r,
+    })
+}
