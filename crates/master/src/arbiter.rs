@@ -223,8 +223,16 @@ impl Arbiter {
         if !matches!(self.phase, Phase::Running) {
             return;
         }
+        // Moved out while its datagrams are handled, which may start a
+        // worker (`&mut self`); moving it back is a few pointer copies.
+        let mut recv = std::mem::take(&mut self.recv);
+        self.handle_datagrams(&mut recv);
+        self.recv = recv;
+    }
+
+    fn handle_datagrams(&mut self, recv: &mut RecvBatch) {
         for _ in 0..RECV_ROUNDS {
-            let got = match self.recv.recv(&self.responder.socket) {
+            let got = match recv.recv(&self.responder.socket) {
                 Ok(n) => n,
                 Err(e) => {
                     log::warn!("recvmmsg: {e}");
@@ -237,7 +245,7 @@ impl Arbiter {
             let now = Instant::now();
             let now_us = journal::now_unix_us();
             self.ledger.totals.received += got as u64;
-            for d in self.recv.iter() {
+            for d in recv.iter() {
                 if d.truncated {
                     self.responder
                         .too_large(d.payload, d.from, self.cfg.max_datagram);
@@ -301,9 +309,16 @@ impl Arbiter {
                     redispatched: false,
                 };
                 self.next_seq += 1;
-                if let Err(req) =
-                    dispatch(&mut self.slots, &mut self.rr, self.cfg.max_inflight, req)
-                {
+                let mut req = dispatch(&mut self.slots, &mut self.rr, self.cfg.max_inflight, req);
+                // A retired worker's replacement can start right now
+                // (`--max-requests 1` retires one per request).
+                if req.is_err() && self.spawn_allowed(now) && self.spawn_one().is_ok() {
+                    self.ledger.totals.restarts += 1;
+                    req = req.or_else(|r| {
+                        dispatch(&mut self.slots, &mut self.rr, self.cfg.max_inflight, r)
+                    });
+                }
+                if let Err(req) = req {
                     let msg = "every worker is full; try again shortly";
                     self.ledger
                         .fail(&mut self.responder, req, ErrorCode::Busy, msg, now);
@@ -461,13 +476,7 @@ impl Arbiter {
     /// Starts workers until the pool has its size, unless stopping or
     /// backing off after a crash loop.
     fn manage_workers(&mut self, now: Instant) -> anyhow::Result<()> {
-        if !self.accepting() {
-            return Ok(());
-        }
-        while self.slots.iter().filter(|s| s.is_active()).count() < self.target {
-            if self.next_spawn_at.is_some_and(|t| now < t) {
-                break;
-            }
+        while self.spawn_allowed(now) {
             self.ledger.totals.restarts += 1;
             if let Err(e) = self.spawn_one() {
                 log::error!("cannot start a worker: {e:#}");
@@ -486,6 +495,13 @@ impl Arbiter {
     }
 
     // ----- helpers of the steps ---------------------------------------------
+
+    /// Whether the pool is below its size and no crash-loop back-off holds.
+    fn spawn_allowed(&self, now: Instant) -> bool {
+        self.accepting()
+            && self.slots.iter().filter(|s| s.is_active()).count() < self.target
+            && !self.next_spawn_at.is_some_and(|t| now < t)
+    }
 
     fn accepting(&self) -> bool {
         matches!(self.phase, Phase::Booting { .. } | Phase::Running)

@@ -36,6 +36,7 @@ pub struct Datagram<'a> {
 }
 
 /// Preallocated buffers for receiving up to `capacity` datagrams per call.
+#[derive(Default)]
 pub struct RecvBatch {
     slot: usize,
     bufs: Vec<u8>,
