@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Benchmark udp-pool side by side with its reference points, in one run:
+#   master --workers 4 --journal none, master --workers 0 (inline),
+#   master --workers 4 with the journal on, and the lecture's Python
+#   Pool.apply_async server (scripts/bench/pool_server.py).
+# Alternating configurations, several rounds, medians; prints a markdown
+# table (for docs/PERFORMANCE.md) and the targets it meets or misses.
+#
+# usage: scripts/bench.sh [--out DIR] [--rounds N] [--seconds S] [--rate R]
+#                         [--sockets K] [--window W] [--configs pool,inline,journal,python]
+# The same settings can come from the environment: BENCH_ROUNDS (3),
+# BENCH_SECONDS (5), BENCH_RATE (half the pool's peak), BENCH_SOCKETS (4),
+# BENCH_WINDOW (64), BENCH_CONFIGS. With the defaults it takes about 3
+# minutes, and it refuses settings that would take more than 9.
+# Only 127.0.0.1 is loaded; every server started is stopped on any exit.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+case "${1:-}" in
+    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+esac
+
+echo "bench.sh: building (release)..." >&2
+cargo build --release --quiet --workspace
+exec python3 "$root/scripts/bench/bench.py" --bin-dir "$root/target/release" "$@"

@@ -1,0 +1,425 @@
+#!/usr/bin/env python3
+"""Measure udp-pool side by side with its reference points, in one run.
+
+Run through scripts/bench.sh, which builds the release binaries first.
+
+Configurations (each started fresh for every measurement, on a free
+127.0.0.1 port):
+  pool     master --workers 4 --journal none
+  inline   master --workers 0 --journal none   (no pool: the local limit)
+  journal  master --workers 4 --journal <temp file>
+  python   scripts/bench/pool_server.py --workers 4   (the lecture's design)
+
+Two phases, each of several rounds; within a round every configuration runs
+once, and the order rotates from round to round, so slow drifts of the
+machine spread over all of them. Reported values are medians over rounds.
+  peak     closed loop (loadgen --sockets S --window W): replies/s, and
+           server CPU per request (user+sys of the server and its children,
+           from /proc, sampled before and after the run).
+  latency  open loop at a fixed rate (default: half the pool's median peak;
+           the Python server gets at most half of its own peak): p50/p99/p99.9.
+For every start: the time from exec to N distinct workers answering hello
+(1 for inline), and after every run the peak RSS (VmHWM) of the master and
+of its largest worker.
+
+Load goes to 127.0.0.1 only; every wait has a deadline, every server is
+stopped (SIGTERM, then SIGKILL of its process group) whatever happens.
+Python 3.11 standard library only.
+"""
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+CONFIGS = {
+    "pool": "master --workers 4 --journal none",
+    "inline": "master --workers 0 --journal none",
+    "journal": "master --workers 4 --journal (temp file)",
+    "python": "pool_server.py --workers 4 (multiprocessing.Pool + apply_async)",
+}
+WORKERS = {"pool": 4, "inline": 1, "journal": 4, "python": 4}
+
+# Whole-run budget: stop starting new measurements past this.
+BUDGET_S = 9 * 60
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def env_num(name, default, kind=float):
+    value = os.environ.get(name)
+    return kind(value) if value not in (None, "") else default
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(config, bin_dir, port, tmp):
+    bind = "127.0.0.1:%d" % port
+    if config == "python":
+        return [sys.executable, os.path.join(HERE, "pool_server.py"), "--port", str(port), "--workers", "4"]
+    master = os.path.join(bin_dir, "master")
+    workers = "0" if config == "inline" else "4"
+    journal = os.path.join(tmp, "journal.db") if config == "journal" else "none"
+    return [master, "--bind", bind, "--workers", workers, "--journal", journal]
+
+
+def read_stat(pid):
+    """(ppid, utime+stime ticks) of a process, or None if it is gone."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(")") + 2:].split()
+    return int(fields[1]), int(fields[11]) + int(fields[12])
+
+
+def process_tree(root):
+    """The pids of `root` and all its descendants."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = read_stat(int(entry))
+            if st:
+                children.setdefault(st[0], []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def cpu_sample(root):
+    """CPU ticks per pid of the process tree under `root`."""
+    sample = {}
+    for pid in process_tree(root):
+        st = read_stat(pid)
+        if st:
+            sample[pid] = st[1]
+    return sample
+
+
+def cpu_used(before, after):
+    """Ticks used between two samples; processes that exited in between are
+    lost (their last ticks are not seen), new ones count from zero."""
+    return sum(t - before.get(pid, 0) for pid, t in after.items())
+
+
+def vm_hwm_kib(pid):
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def wait_ready(port, want, started, proc, deadline_s=10.0):
+    """Seconds from `started` until `want` distinct worker pids answered a
+    JSON hello; None if that did not happen within the deadline."""
+    seen = set()
+    n = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.002)
+        while time.monotonic() - started < deadline_s:
+            if proc.poll() is not None:
+                return None
+            for _ in range(8):
+                n += 1
+                msg = '{"op":"hello","pid":%d,"id":%d}' % (os.getpid(), n)
+                s.sendto(msg.encode(), ("127.0.0.1", port))
+            while True:
+                try:
+                    data = s.recv(65535)
+                except (socket.timeout, BlockingIOError, ConnectionRefusedError):
+                    break
+                try:
+                    reply = json.loads(data)
+                except ValueError:
+                    continue
+                if reply.get("ok") and "worker_pid" in reply:
+                    seen.add(reply["worker_pid"])
+            if len(seen) >= want:
+                return time.monotonic() - started
+    return None
+
+
+def stop(proc, log):
+    """SIGTERM, wait up to 5 s, then SIGKILL the whole process group."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            print("bench: server %d ignored SIGTERM for 5 s: killing it" % proc.pid, file=sys.stderr)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    log.close()
+
+
+def run_one(config, phase, args, rate=None, plot=None):
+    """Start `config`, load it once, stop it; return what was measured."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="udp-pool-bench.") as tmp:
+        log_path = os.path.join(tmp, "server.log")
+        log = open(log_path, "w")
+        cmd = server_command(config, args.bin_dir, port, tmp)
+        started = time.monotonic()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        try:
+            ready = wait_ready(port, WORKERS[config], started, proc)
+            if ready is None:
+                with open(log_path) as f:
+                    tail = f.read()[-2000:]
+                raise RuntimeError("%s did not answer with %d workers within 10 s: %s\n%s"
+                                   % (" ".join(cmd), WORKERS[config], proc.poll(), tail))
+            load = [os.path.join(args.bin_dir, "loadgen"), "--server", "127.0.0.1:%d" % port,
+                    "--duration", str(args.seconds), "--sockets", str(args.sockets), "--json", "--quiet"]
+            if phase == "peak":
+                load += ["--window", str(args.window)]
+            else:
+                load += ["--rate", "%.0f" % rate]
+            if plot:
+                load += ["--plot", plot]
+            before = cpu_sample(proc.pid)
+            out = subprocess.run(load, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                 timeout=args.seconds + 60)
+            after = cpu_sample(proc.pid)
+            tree = process_tree(proc.pid)
+            if out.returncode != 0:
+                raise RuntimeError("loadgen failed (%d): %s" % (out.returncode, out.stderr.strip()))
+            report = json.loads(out.stdout.strip().splitlines()[-1])
+            ticks = cpu_used(before, after)
+            worker_rss = [vm_hwm_kib(p) for p in tree if p != proc.pid]
+            ok = report["ok"]
+            return {
+                "config": config,
+                "phase": phase,
+                "startup_ms": ready * 1000,
+                "ok_rps": ok / report["active_s"] if report["active_s"] else 0.0,
+                "cpu_us_per_req": ticks / CLK_TCK * 1e6 / ok if ok else None,
+                "master_rss_kib": vm_hwm_kib(proc.pid),
+                "max_worker_rss_kib": max([r for r in worker_rss if r] or [0]) or None,
+                "report": report,
+            }
+        finally:
+            stop(proc, log)
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(v, spec, unit=""):
+    return "n/a" if v is None else format(v, spec) + unit
+
+
+def ratio(a, b):
+    return None if a is None or not b else a / b
+
+
+def summarize(results, configs, rates):
+    """Medians per configuration."""
+    summary = {}
+    for c in configs:
+        peak = [r for r in results if r["config"] == c and r["phase"] == "peak"]
+        lat = [r for r in results if r["config"] == c and r["phase"] == "latency"]
+        every = peak + lat
+        summary[c] = {
+            "peak_rps": median([r["ok_rps"] for r in peak]),
+            "cpu_us_per_req": median([r["cpu_us_per_req"] for r in peak]),
+            "p50_us": median([r["report"]["latency_us"]["p50"] for r in lat]),
+            "p99_us": median([r["report"]["latency_us"]["p99"] for r in lat]),
+            "p999_us": median([r["report"]["latency_us"]["p999"] for r in lat]),
+            "max_us": median([r["report"]["latency_us"]["max"] for r in lat]),
+            "lat_lost": sum(r["report"]["lost"] for r in lat),
+            "peak_lost": sum(r["report"]["lost"] for r in peak),
+            "errors": sum(sum(r["report"]["errors"].values()) for r in every),
+            "wrong": sum(r["report"]["wrong"] for r in every),
+            "rate": rates.get(c),
+            "master_rss_mib": max([r["master_rss_kib"] or 0 for r in every] or [0]) / 1024 or None,
+            "worker_rss_mib": max([r["max_worker_rss_kib"] or 0 for r in every] or [0]) / 1024 or None,
+            "startup_ms": median([r["startup_ms"] for r in every]),
+            "runs": len(every),
+        }
+    return summary
+
+
+def us(v):
+    if v is None:
+        return "n/a"
+    return "%.0f µs" % v if v < 1000 else "%.2f ms" % (v / 1000)
+
+
+def table(summary, configs):
+    inline = summary.get("inline", {})
+    python = summary.get("python", {})
+    rows = [
+        "| server | peak replies/s | vs inline | vs Python | CPU/request | vs inline "
+        "| latency at | p50 | p99 | p99.9 | master RSS | max worker RSS | start to N answering |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for c in configs:
+        s = summary[c]
+        rows.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            "`%s`" % CONFIGS[c],
+            fmt(s["peak_rps"], ",.0f"),
+            fmt(ratio(s["peak_rps"], inline.get("peak_rps")), ".2f", "x"),
+            fmt(ratio(s["peak_rps"], python.get("peak_rps")), ".0f", "x"),
+            fmt(s["cpu_us_per_req"], ".1f", " µs"),
+            fmt(ratio(s["cpu_us_per_req"], inline.get("cpu_us_per_req")), ".2f", "x"),
+            fmt(s["rate"], ",.0f", "/s"),
+            us(s["p50_us"]), us(s["p99_us"]), us(s["p999_us"]),
+            fmt(s["master_rss_mib"], ".1f", " MiB"),
+            fmt(s["worker_rss_mib"], ".1f", " MiB"),
+            fmt(s["startup_ms"], ".0f", " ms"),
+        ))
+    return "\n".join(rows)
+
+
+def targets(summary):
+    """The issue's targets, checked where the run measured them."""
+    lines = []
+
+    def check(name, value, ok, shown):
+        if value is None:
+            lines.append("- [ ] %s: not measured" % name)
+        else:
+            lines.append("- [%s] %s: %s" % ("x" if ok(value) else " ", name, shown(value)))
+
+    s = {c: summary.get(c, {}) for c in CONFIGS}
+    check("pool throughput >= 0.9x inline", ratio(s["pool"].get("peak_rps"), s["inline"].get("peak_rps")),
+          lambda v: v >= 0.9, lambda v: "%.2fx" % v)
+    check("pool CPU per request <= 1.25x inline",
+          ratio(s["pool"].get("cpu_us_per_req"), s["inline"].get("cpu_us_per_req")),
+          lambda v: v <= 1.25, lambda v: "%.2fx" % v)
+    check("journal on >= 0.75x inline", ratio(s["journal"].get("peak_rps"), s["inline"].get("peak_rps")),
+          lambda v: v >= 0.75, lambda v: "%.2fx" % v)
+    check("pool >= 100x the Python Pool server", ratio(s["pool"].get("peak_rps"), s["python"].get("peak_rps")),
+          lambda v: v >= 100, lambda v: "%.0fx" % v)
+    check("pool p99 at half of peak < 1 ms", s["pool"].get("p99_us"), lambda v: v < 1000,
+          lambda v: "%s at %s/s" % (us(v), fmt(s["pool"].get("rate"), ",.0f")))
+    masters = [s[c].get("master_rss_mib") for c in ("pool", "inline", "journal") if s[c].get("master_rss_mib")]
+    check("master RSS < 20 MiB", max(masters) if masters else None, lambda v: v < 20,
+          lambda v: "%.1f MiB at most" % v)
+    workers = [s[c].get("worker_rss_mib") for c in ("pool", "journal") if s[c].get("worker_rss_mib")]
+    check("each worker < 8 MiB", max(workers) if workers else None, lambda v: v < 8,
+          lambda v: "%.1f MiB at most" % v)
+    check("4 workers answering within 100 ms of start", s["pool"].get("startup_ms"), lambda v: v < 100,
+          lambda v: "%.0f ms (median)" % v)
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description="udp-pool benchmark (see the module doc)")
+    p.add_argument("--bin-dir", default=os.path.join(ROOT, "target", "release"))
+    p.add_argument("--rounds", type=int, default=env_num("BENCH_ROUNDS", 3, int))
+    p.add_argument("--seconds", type=float, default=env_num("BENCH_SECONDS", 5.0))
+    p.add_argument("--rate", type=float, default=env_num("BENCH_RATE", None),
+                   help="open-loop rate for the latency phase (default: half the pool's peak)")
+    p.add_argument("--sockets", type=int, default=env_num("BENCH_SOCKETS", 4, int))
+    p.add_argument("--window", type=int, default=env_num("BENCH_WINDOW", 64, int))
+    p.add_argument("--configs", default=os.environ.get("BENCH_CONFIGS", ",".join(CONFIGS)),
+                   help="comma-separated subset of: " + ", ".join(CONFIGS))
+    p.add_argument("--out", help="also write table.md, results.json and plots into this directory")
+    args = p.parse_args()
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for c in configs:
+        if c not in CONFIGS:
+            p.error("unknown configuration %r (known: %s)" % (c, ", ".join(CONFIGS)))
+    if not (1 <= args.rounds <= 20 and 0.5 <= args.seconds <= 60):
+        p.error("--rounds must be 1..20 and --seconds 0.5..60")
+    runs = 2 * args.rounds * len(configs)
+    if runs * (args.seconds + 3) > BUDGET_S:
+        p.error("%d runs of %.1f s would not fit in %d s: fewer rounds or seconds" % (runs, args.seconds, BUDGET_S))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+
+    t0 = time.monotonic()
+    results = []
+
+    def log(msg):
+        print("bench [%5.1fs] %s" % (time.monotonic() - t0, msg), file=sys.stderr, flush=True)
+
+    def rounds(phase, rate_of):
+        for r in range(args.rounds):
+            order = configs[r % len(configs):] + configs[:r % len(configs)]
+            for c in order:
+                if time.monotonic() - t0 > BUDGET_S:
+                    log("time budget spent: skipping the rest")
+                    return
+                plot = None
+                if args.out and r == args.rounds - 1:
+                    plot = os.path.join(args.out, "%s-%s.svg" % (c, phase))
+                res = run_one(c, phase, args, rate=rate_of(c), plot=plot)
+                results.append(res)
+                rep = res["report"]
+                log("%-7s %-7s round %d: %8.0f ok/s  p99 %8.1f µs  lost %d  cpu %s µs/req  start %.0f ms" % (
+                    phase, c, r + 1, res["ok_rps"], rep["latency_us"]["p99"], rep["lost"],
+                    fmt(res["cpu_us_per_req"], ".2f"), res["startup_ms"]))
+
+    rounds("peak", lambda c: None)
+    peaks = {c: median([r["ok_rps"] for r in results if r["config"] == c]) for c in configs}
+    base = args.rate or (peaks.get("pool") or max(v or 0 for v in peaks.values())) / 2
+    rates = {}
+    for c in configs:
+        rates[c] = base
+        if c == "python" and peaks.get("python"):
+            rates[c] = min(base, peaks["python"] / 2)
+        rates[c] = max(rates[c], 10.0)
+    rounds("latency", lambda c: rates[c])
+
+    summary = summarize(results, configs, rates)
+    header = "\n".join([
+        "udp-pool benchmark: %s, %d CPUs, Linux %s, Python %s" % (
+            time.strftime("%Y-%m-%d %H:%M"), os.cpu_count(), platform.release(), platform.python_version()),
+        "",
+        "%d round(s) x %.1f s per measurement, medians; peak: closed loop, loadgen --sockets %d --window %d; "
+        "latency: open loop at the rate shown (%s); loadgen runs on the same machine." % (
+            args.rounds, args.seconds, args.sockets, args.window,
+            "--rate %.0f" % args.rate if args.rate else "half of the pool's peak; Python at most half of its own"),
+        "CPU/request: user+sys of the server and its children during the peak runs, per ok reply.",
+        "RSS: VmHWM, the most over all runs. Start: exec to N distinct worker pids answering hello.",
+    ])
+    text = "\n\n".join([header, table(summary, configs), "Targets:\n\n" + targets(summary)])
+    problems = [c for c in configs if summary[c]["wrong"] or summary[c]["errors"]]
+    if problems:
+        text += "\n\nNote: wrong results or error replies seen for: " + ", ".join(
+            "%s (wrong %d, errors %d)" % (c, summary[c]["wrong"], summary[c]["errors"]) for c in problems)
+    print(text)
+    if args.out:
+        with open(os.path.join(args.out, "table.md"), "w") as f:
+            f.write(text + "\n")
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump({"args": vars(args), "summary": summary, "runs": results}, f, indent=1)
+        log("wrote %s" % args.out)
+    log("done")
+
+
+if __name__ == "__main__":
+    # SIGTERM unwinds like an exception, so every started server is stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)
