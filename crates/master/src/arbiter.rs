@@ -710,7 +710,7 @@ impl Arbiter {
         }
         if matches!(self.phase, Phase::Booting { .. }) && reason == ExitReason::BootFailure {
             bail!(
-                "worker {} (pid {}) {} before it was ready: is --worker-path a udp-pool worker?",
+                "worker {} (pid {}) exited ({}) before it was ready: is --worker-path a udp-pool worker?",
                 self.cfg.worker_path.display(),
                 slot.pid,
                 status
