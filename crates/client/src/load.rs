@@ -9,7 +9,8 @@
 //! answered, duplicate, late, wrong or unmatched. A request without a reply
 //! within `--timeout-ms` counts as lost.
 
-use std::io::{self, BufRead, IsTerminal, Read, Write};
+use std::collections::BTreeMap;
+use std::io::{self, IsTerminal, Read, Write};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
 use std::process::{Child, Command, Stdio};
@@ -214,6 +215,12 @@ fn run_processes(args: &LoadArgs, plan: &Plan, processes: u32) -> Result<Tally> 
     let deadline = Instant::now() + plan.duration + plan.timeout * 2 + Duration::from_secs(10);
     let bar = plan.progress.then(|| time_bar(plan.duration));
     let start = Instant::now();
+    // Read every child's output while it runs: a tally larger than a pipe
+    // buffer would otherwise block the child before it exits.
+    let readers: Vec<_> = children
+        .iter_mut()
+        .map(|c| (drain(c.stdout.take()), drain(c.stderr.take())))
+        .collect();
     let mut statuses = vec![None; children.len()];
     while statuses.iter().any(Option::is_none) {
         for (c, s) in children.iter_mut().zip(statuses.iter_mut()) {
@@ -234,15 +241,9 @@ fn run_processes(args: &LoadArgs, plan: &Plan, processes: u32) -> Result<Tally> 
         b.finish_and_clear();
     }
     let mut tally = Tally::default();
-    for (mut child, status) in children.into_iter().zip(statuses) {
-        let mut stdout = String::new();
-        let mut stderr = String::new();
-        if let Some(mut o) = child.stdout.take() {
-            o.read_to_string(&mut stdout).ok();
-        }
-        if let Some(mut e) = child.stderr.take() {
-            e.read_to_string(&mut stderr).ok();
-        }
+    for ((child, status), (stdout, stderr)) in children.iter().zip(statuses).zip(readers) {
+        let stdout = stdout.join().unwrap_or_default();
+        let stderr = stderr.join().unwrap_or_default();
         let status = status.expect("every child was waited for");
         let line = stdout.lines().last().unwrap_or("");
         match serde_json::from_str::<Tally>(line) {
@@ -254,11 +255,22 @@ fn run_processes(args: &LoadArgs, plan: &Plan, processes: u32) -> Result<Tally> 
             ),
         }
         // A child's warnings are worth passing on.
-        for l in io::Cursor::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("{l}");
+        if !stderr.is_empty() {
+            eprint!("{stderr}");
         }
     }
     Ok(tally)
+}
+
+/// Reads a child's pipe to its end on a thread of its own.
+fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(mut p) = pipe {
+            let _ = p.read_to_string(&mut text);
+        }
+        text
+    })
 }
 
 fn stop_children(children: &mut [Child]) {
@@ -337,6 +349,9 @@ struct Flow {
     greeting_prefix: String,
     slots: Vec<Slot>,
     mask: u64,
+    /// Requests still outstanding when the ring came round to their slot
+    /// again (slow replies at a high rate), by id.
+    stragglers: BTreeMap<u64, Slot>,
     /// The id the next request gets (ids start at 1).
     next_id: u64,
     /// The lowest id that may still be outstanding.
@@ -391,6 +406,7 @@ impl Flow {
             greeting_prefix: format!("\"Hi {local}. This is server "),
             slots: vec![Slot::default(); capacity],
             mask: capacity as u64 - 1,
+            stragglers: BTreeMap::new(),
             next_id: 1,
             oldest: 1,
             outstanding: 0,
@@ -478,9 +494,8 @@ impl Flow {
                 let slot = &mut self.slots[(id & self.mask) as usize];
                 if slot.state == State::Outstanding {
                     // The ring wrapped around a request that is still
-                    // waiting: far older than any reply we expect.
-                    tally.lost += 1;
-                    self.outstanding -= 1;
+                    // waiting: it moves aside until answered or expired.
+                    self.stragglers.insert(slot.id, *slot);
                 }
                 let (kind, arg) = self.pending[i];
                 *slot = Slot {
@@ -554,12 +569,16 @@ impl Flow {
             tally.unmatched += 1;
             return;
         }
-        let slot = &mut self.slots[(id & self.mask) as usize];
-        if slot.id != id {
-            // Its slot was reused long ago: a very late reply.
+        let ring = &mut self.slots[(id & self.mask) as usize];
+        let slot = if ring.id == id {
+            ring
+        } else if let Some(s) = self.stragglers.get_mut(&id) {
+            s
+        } else {
+            // Expired, and its slot reused since: a very late reply.
             tally.late += 1;
             return;
-        }
+        };
         match slot.state {
             State::Outstanding => {}
             State::Answered | State::Late => {
@@ -600,12 +619,14 @@ impl Flow {
     /// Counts as lost every outstanding request sent at least `timeout_ns`
     /// ago. Returns when the next one would expire, if any is outstanding.
     fn expire(&mut self, now_ns: u64, timeout_ns: u64, tally: &mut Tally) -> Option<u64> {
+        let mut next = None;
         while self.oldest < self.next_id {
             let slot = &mut self.slots[(self.oldest & self.mask) as usize];
             if slot.id == self.oldest && slot.state == State::Outstanding {
                 let expires = slot.sent_ns + timeout_ns;
                 if expires > now_ns {
-                    return Some(expires);
+                    next = Some(expires);
+                    break;
                 }
                 slot.state = State::Lost;
                 self.outstanding -= 1;
@@ -613,12 +634,26 @@ impl Flow {
             }
             self.oldest += 1;
         }
-        None
+        // Stragglers are in id order, so in send order: the first is the oldest.
+        while let Some(entry) = self.stragglers.first_entry() {
+            let slot = entry.get();
+            let expires = slot.sent_ns + timeout_ns;
+            if expires > now_ns {
+                next = Some(next.map_or(expires, |n: u64| n.min(expires)));
+                break;
+            }
+            if slot.state == State::Outstanding {
+                self.outstanding -= 1;
+                tally.lost += 1;
+            }
+            entry.remove();
+        }
+        next
     }
 }
 
-/// The ring size for each socket: room for every request that can be
-/// outstanding within one timeout, twice over.
+/// The ring size for each socket: room for the requests outstanding at
+/// once in the usual case; slower ones move to the flow's stragglers.
 fn ring_capacity(plan: &Plan) -> usize {
     let need = match plan.pacing {
         Pacing::Closed { window } => window * 4,
@@ -707,7 +742,7 @@ pub fn run_flows(plan: &Plan) -> Result<Tally> {
                 next_progress += PROGRESS_EVERY;
                 b.set_position(now_ns / 1_000_000);
                 b.set_message(format!(
-                    "sent {} answered {} lost {}",
+                    "{} sent, {} answered, {} lost",
                     tally.sent, tally.answered, tally.lost
                 ));
             }
@@ -813,6 +848,46 @@ mod tests {
             }
         });
         (addr, h)
+    }
+
+    #[test]
+    fn slow_replies_outlive_the_ring() {
+        // The first request is answered only after 6000 others: its ring
+        // slot has been reused by then, yet it must count as answered.
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let addr = sock.local_addr().unwrap();
+        let h = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            let mut held = None;
+            let mut n = 0;
+            while let Ok((len, from)) = sock.recv_from(&mut buf) {
+                n += 1;
+                let v: serde_json::Value = serde_json::from_slice(&buf[..len]).unwrap();
+                let x = i128::from(v["n"].as_i64().unwrap());
+                let reply = format!(
+                    r#"{{"ok":true,"op":"square","result":{},"worker_pid":7,"id":{}}}"#,
+                    x * x,
+                    v["id"]
+                );
+                if n == 1 {
+                    held = Some((reply, from));
+                    continue;
+                }
+                sock.send_to(reply.as_bytes(), from).unwrap();
+                if n == 6000 {
+                    let (r, f) = held.take().unwrap();
+                    sock.send_to(r.as_bytes(), f).unwrap();
+                }
+            }
+        });
+        let mut p = plan(addr, Pacing::Closed { window: 8 }, 7000);
+        p.sockets = 1;
+        p.timeout = Duration::from_secs(5);
+        let t = run_flows(&p).unwrap();
+        h.join().unwrap();
+        assert_eq!((t.sent, t.answered, t.lost, t.late), (7000, 7000, 0, 0));
     }
 
     fn plan(server: SocketAddr, pacing: Pacing, requests: u64) -> Plan {

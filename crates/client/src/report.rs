@@ -301,6 +301,14 @@ pub fn render_text(setup: &Setup, t: &Tally) -> String {
         );
     }
     let _ = write!(out, "{}", render_spread(&t.per_pid));
+    let named: u64 = t.per_pid.values().sum();
+    if named < t.answered {
+        let _ = writeln!(
+            out,
+            "            ({} answers name no worker: text-dialect replies carry no PID)",
+            t.answered - named
+        );
+    }
     out
 }
 
