@@ -598,6 +598,11 @@ impl Flow {
         slot.state = State::Answered;
         self.outstanding -= 1;
         tally.answer(now_ns, now_ns.saturating_sub(slot.intended_ns));
+        if self.interval_ns > 0.0 {
+            // Open loop: also from the actual send, to tell the server's
+            // delays from the load generator's own.
+            tally.service(now_ns.saturating_sub(slot.sent_ns));
+        }
         match reply {
             None if slot.kind == Kind::Text => {}
             None => tally.wrong += 1,

@@ -45,6 +45,10 @@ pub struct Tally {
     /// time in open loop, from the actual send in closed loop.
     #[serde(with = "histogram_pairs")]
     pub latency_ns: Histogram<u64>,
+    /// Open loop only: latency from the actual send, in nanoseconds. Where it
+    /// is much lower than `latency_ns`, the load generator itself ran late.
+    #[serde(with = "histogram_pairs")]
+    pub service_ns: Histogram<u64>,
     /// Answers received per [`BUCKET_NS`] since the start.
     pub buckets: Vec<u64>,
     /// How long requests were being sent, in nanoseconds.
@@ -69,6 +73,7 @@ impl Default for Tally {
             errors: BTreeMap::new(),
             per_pid: BTreeMap::new(),
             latency_ns: new_histogram(),
+            service_ns: new_histogram(),
             buckets: Vec::new(),
             send_ns: 0,
             last_answer_ns: 0,
@@ -92,6 +97,11 @@ impl Tally {
             self.buckets.resize(b + 1, 0);
         }
         self.buckets[b] += 1;
+    }
+
+    /// Records the latency of an open-loop answer from its actual send.
+    pub fn service(&mut self, ns: u64) {
+        self.service_ns.saturating_record(ns.max(1));
     }
 
     /// Counts one error reply with this code.
@@ -128,6 +138,7 @@ impl Tally {
         }
         // Both histograms have the same bounds, so adding cannot fail.
         let _ = self.latency_ns.add(&other.latency_ns);
+        let _ = self.service_ns.add(&other.service_ns);
         if self.buckets.len() < other.buckets.len() {
             self.buckets.resize(other.buckets.len(), 0);
         }
@@ -293,10 +304,14 @@ pub fn render_text(setup: &Setup, t: &Tally) -> String {
     } else {
         let _ = writeln!(out, "latency     no answers");
     }
-    if setup.mode == "open" {
+    if setup.mode == "open" && !t.service_ns.is_empty() {
+        let h = &t.service_ns;
         let _ = writeln!(
             out,
-            "            (from the intended send time; loadgen ran at most {} behind schedule)",
+            "            (from the intended send time; from the actual send: p50 {}  p99 {}  max {};\n             loadgen ran at most {} behind its schedule)",
+            human_ns(h.value_at_percentile(50.0)),
+            human_ns(h.value_at_percentile(99.0)),
+            human_ns(h.max()),
             human_ns(t.max_send_lag_ns)
         );
     }
@@ -344,6 +359,14 @@ pub fn render_json(setup: &Setup, t: &Tally) -> serde_json::Value {
     }
     latency.insert("max".into(), json!(us(t.latency_ns.max())));
     latency.insert("mean".into(), json!(us(t.latency_ns.mean() as u64)));
+    let mut service = serde_json::Map::new();
+    if !t.service_ns.is_empty() {
+        for (q, _, key) in PERCENTILES {
+            let v = t.service_ns.value_at_percentile(q);
+            service.insert(key.to_string(), json!(us(v)));
+        }
+        service.insert("max".into(), json!(us(t.service_ns.max())));
+    }
     let per_pid: serde_json::Map<String, serde_json::Value> = t
         .per_pid
         .iter()
@@ -375,6 +398,7 @@ pub fn render_json(setup: &Setup, t: &Tally) -> serde_json::Value {
         "errors": t.errors,
         "throughput_rps": (t.throughput() * 10.0).round() / 10.0,
         "latency_us": latency,
+        "latency_from_send_us": service,
         "per_pid": per_pid,
         "duration_s": t.send_ns as f64 / 1e9,
         "active_s": t.active_s(),
