@@ -1,1 +1,18 @@
-fn main() {}
+//! Integration tests of udp-pool with the real binaries (release build):
+//! `master` serving on a free port with its `worker` pool, the `client`,
+//! and the lecture's Python clients.
+//!
+//! # Layout
+//! * [`harness`]: builds the binaries, starts and watches `master`, UDP
+//!   client helpers, `/proc` helpers.
+//! * [`serve`]: issue 2's acceptance: answers, errors, dialects, IPv6,
+//!   inline mode, the `client` binary, the lecture's clients.
+//! * [`faults`]: issue 3's acceptance: crashes, hangs, overload.
+//! * [`lifecycle`]: signals (TERM, KILL of the master, HUP, TTIN/TTOU) and
+//!   `--max-requests`.
+
+mod faults;
+mod harness;
+mod lifecycle;
+mod serve;
+// mod journal; (the SQLite journal's tests go here)
