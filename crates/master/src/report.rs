@@ -1,0 +1,891 @@
+//! `master report`: a summary of a journal for an operator (aligned text)
+//! or a script (`--json`).
+//!
+//! [`Report::collect`] reads the journal read-only inside one read
+//! transaction (a consistent snapshot even while a master is writing) with a
+//! single pass over `requests`: totals, outcome counts and latency
+//! histograms (overall, per worker, for the master's own answers) are all
+//! accumulated in that pass. Requests are attributed to a `workers` row by pid
+//! and start time, so a pid the OS reused is reported as two workers.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use hdrhistogram::Histogram;
+use rusqlite::{Connection, OpenFlags};
+use serde_json::{json, Value};
+
+use crate::journal::{now_unix_us, SCHEMA_VERSION};
+
+/// `master report --journal PATH [--since DURATION] [--json]`.
+#[derive(clap::Args, Debug)]
+pub struct ReportArgs {
+    /// The journal database to read.
+    #[arg(long)]
+    pub journal: PathBuf,
+    /// Only requests received in this last stretch of time: 30s, 10m, 2h, 1d
+    /// (or combined, 1h30m).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Prints the report for `args` to stdout.
+///
+/// # Errors
+/// An unreadable, missing or foreign journal, a bad `--since`, or a failed
+/// write to stdout (a closed pipe is not an error).
+pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
+    let since = match &args.since {
+        Some(s) => Some(parse_since(s)?),
+        None => None,
+    };
+    let since_us = since
+        .map(|d| now_unix_us().saturating_sub(i64::try_from(d.as_micros()).unwrap_or(i64::MAX)));
+    let mut report = Report::collect(&args.journal, since_us)?;
+    report.since = args.since.clone();
+    let mut out = io::stdout().lock();
+    let written = if args.json {
+        serde_json::to_writer_pretty(&mut out, &report.to_json())
+            .map_err(io::Error::from)
+            .and_then(|()| writeln!(out))
+    } else {
+        report.write_text(&mut out)
+    };
+    match written.and_then(|()| out.flush()) {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot write the report")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Parses a `--since` duration: one or more `<number><unit>` with units
+/// `s`, `m`, `h`, `d` (`30s`, `10m`, `1h30m`).
+///
+/// # Errors
+/// Anything else, with an example of what is expected.
+pub fn parse_since(text: &str) -> anyhow::Result<Duration> {
+    let bad =
+        || anyhow::anyhow!("invalid --since {text:?}: expected a duration like 30s, 10m, 2h or 1d");
+    let mut total: u64 = 0;
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        let unit = match rest.as_bytes().get(digits) {
+            Some(b's') => 1,
+            Some(b'm') => 60,
+            Some(b'h') => 3600,
+            Some(b'd') => 86_400,
+            _ => return Err(bad()),
+        };
+        total = n
+            .checked_mul(unit)
+            .and_then(|s| total.checked_add(s))
+            .ok_or_else(bad)?;
+        rest = &rest[digits + 1..];
+    }
+    Ok(Duration::from_secs(total))
+}
+
+/// Latency percentiles, in microseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Latency {
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub max: u64,
+}
+
+/// Requests and latency for one worker (one `workers` row), or for the
+/// requests the master answered itself.
+#[derive(Debug)]
+pub struct WorkerLine {
+    /// `None` for the master's own answers.
+    pub pid: Option<u32>,
+    pub requests: u64,
+    pub p99_us: Option<u64>,
+    pub started_us: Option<i64>,
+    pub exited_us: Option<i64>,
+    pub reason: Option<String>,
+    pub exit_status: Option<String>,
+    /// No exit is recorded although a master has opened or closed the
+    /// journal since the worker started: its master did not stop cleanly.
+    pub exit_unrecorded: bool,
+    latency: Histogram<u64>,
+}
+
+impl WorkerLine {
+    fn new(pid: Option<u32>) -> WorkerLine {
+        WorkerLine {
+            pid,
+            requests: 0,
+            p99_us: None,
+            started_us: None,
+            exited_us: None,
+            reason: None,
+            exit_status: None,
+            exit_unrecorded: false,
+            latency: new_histogram(2),
+        }
+    }
+
+    /// `running`, `exited`, or `unknown` (see `exit_unrecorded`).
+    pub fn state(&self) -> &'static str {
+        if self.exited_us.is_some() {
+            "exited"
+        } else if self.exit_unrecorded {
+            "unknown"
+        } else {
+            "running"
+        }
+    }
+}
+
+/// Everything `master report` shows.
+#[derive(Debug)]
+pub struct Report {
+    pub journal: PathBuf,
+    /// The `--since` text, if any.
+    pub since: Option<String>,
+    pub since_us: Option<i64>,
+    pub requests: u64,
+    /// Receipt times of the first and last request in the report.
+    pub first_us: Option<i64>,
+    pub last_us: Option<i64>,
+    /// Outcome codes and their counts, most frequent first.
+    pub outcomes: Vec<(String, u64)>,
+    pub latency: Option<Latency>,
+    pub shed_rows: u64,
+    /// Workers in start order: those alive during the period, whether or not
+    /// they served a request.
+    pub workers: Vec<WorkerLine>,
+    /// Requests the master answered itself (busy, stats, timeouts...).
+    pub master: WorkerLine,
+}
+
+/// Records `value`, growing the histogram as needed (`saturating_record`
+/// alone would clamp at the initial, small, highest trackable value).
+fn record(histogram: &mut Histogram<u64>, value: u64) {
+    if histogram.record(value).is_err() {
+        histogram.saturating_record(value);
+    }
+}
+
+fn new_histogram(sigfig: u8) -> Histogram<u64> {
+    Histogram::new(sigfig).expect("2 or 3 significant figures is a valid histogram")
+}
+
+impl Report {
+    /// Reads the journal at `path`: everything, or only requests received
+    /// at or after `since_us` (unix microseconds).
+    ///
+    /// # Errors
+    /// An error naming the journal when it is missing, unreadable, or not a
+    /// udp-pool journal.
+    pub fn collect(path: &Path, since_us: Option<i64>) -> anyhow::Result<Report> {
+        // Only the first message of each error: a SQLite error's chain
+        // repeats it as "Error code 26: ...".
+        let context = |e: &dyn std::fmt::Display| {
+            anyhow::anyhow!("cannot read journal {}: {e}", path.display())
+        };
+        std::fs::metadata(path).map_err(|e| context(&e))?;
+        let mut conn = open_read_only(path).map_err(|e| context(&e))?;
+        let tx = conn.transaction().map_err(|e| context(&e))?;
+        let mut report = Report {
+            journal: path.to_owned(),
+            since: None,
+            since_us,
+            requests: 0,
+            first_us: None,
+            last_us: None,
+            outcomes: Vec::new(),
+            latency: None,
+            shed_rows: 0,
+            workers: Vec::new(),
+            master: WorkerLine::new(None),
+        };
+        report.read(&tx).map_err(|e| context(&e))?;
+        Ok(report)
+    }
+
+    fn read(&mut self, conn: &Connection) -> anyhow::Result<()> {
+        let since = self.since_us.unwrap_or(i64::MIN);
+        let last_boundary: Option<i64> = conn.query_row(
+            "SELECT max(ts_us) FROM journal_events WHERE kind IN ('open', 'close')",
+            [],
+            |r| r.get(0),
+        )?;
+
+        // Workers alive at some point in the period, and where to find each
+        // pid's rows (a pid the OS reused has several, in start order).
+        let mut by_pid: HashMap<u32, Vec<usize>> = HashMap::new();
+        let mut stmt = conn.prepare(
+            "SELECT pid, started_us, exited_us, reason, exit_status FROM workers \
+             WHERE exited_us IS NULL OR exited_us >= ?1 ORDER BY id",
+        )?;
+        let mut rows = stmt.query([since])?;
+        while let Some(r) = rows.next()? {
+            let mut w = WorkerLine::new(Some(r.get(0)?));
+            w.started_us = r.get(1)?;
+            w.exited_us = r.get(2)?;
+            w.reason = r.get(3)?;
+            w.exit_status = r.get(4)?;
+            w.exit_unrecorded = w.exited_us.is_none()
+                && matches!((w.started_us, last_boundary), (Some(s), Some(b)) if s < b);
+            by_pid
+                .entry(w.pid.unwrap_or(0))
+                .or_default()
+                .push(self.workers.len());
+            self.workers.push(w);
+        }
+        drop(rows);
+        drop(stmt);
+
+        // The one pass over `requests`.
+        let mut outcomes: HashMap<String, u64> = HashMap::new();
+        let mut latency = new_histogram(3);
+        let mut max_latency = 0u64;
+        let sql = if self.since_us.is_some() {
+            "SELECT ts_us, worker_pid, outcome, latency_us FROM requests WHERE ts_us >= ?1"
+        } else {
+            // No WHERE: a plain table scan beats walking the index.
+            "SELECT ts_us, worker_pid, outcome, latency_us FROM requests"
+        };
+        let mut stmt = conn.prepare(sql)?;
+        let mut rows = if self.since_us.is_some() {
+            stmt.query([since])?
+        } else {
+            stmt.query([])?
+        };
+        while let Some(r) = rows.next()? {
+            let ts: i64 = r.get(0)?;
+            let pid: Option<u32> = r.get(1)?;
+            let outcome = r.get_ref(2)?.as_str()?;
+            let lat = u64::try_from(r.get::<_, i64>(3)?).unwrap_or(0);
+
+            self.requests += 1;
+            self.first_us = Some(self.first_us.map_or(ts, |f| f.min(ts)));
+            self.last_us = Some(self.last_us.map_or(ts, |l| l.max(ts)));
+            match outcomes.get_mut(outcome) {
+                Some(n) => *n += 1,
+                None => {
+                    outcomes.insert(outcome.to_owned(), 1);
+                }
+            }
+            record(&mut latency, lat);
+            max_latency = max_latency.max(lat);
+
+            let line = match pid {
+                None => &mut self.master,
+                Some(pid) => {
+                    let index = match by_pid.get(&pid) {
+                        Some(ws) => attribute(&self.workers, ws, ts),
+                        None => {
+                            // Its `workers` row is gone (trimmed, or never written).
+                            by_pid.insert(pid, vec![self.workers.len()]);
+                            self.workers.push(WorkerLine::new(Some(pid)));
+                            self.workers.len() - 1
+                        }
+                    };
+                    &mut self.workers[index]
+                }
+            };
+            line.requests += 1;
+            record(&mut line.latency, lat);
+        }
+
+        if self.since_us.is_some() {
+            // A worker whose master was killed never gets an exit row: keep
+            // it only if it started in the period or served requests in it.
+            self.workers.retain(|w| {
+                !w.exit_unrecorded || w.requests > 0 || w.started_us.is_some_and(|s| s >= since)
+            });
+        }
+        if self.requests > 0 {
+            let q = |q: f64| latency.value_at_quantile(q).min(max_latency);
+            self.latency = Some(Latency {
+                p50: q(0.5),
+                p90: q(0.9),
+                p99: q(0.99),
+                max: max_latency,
+            });
+        }
+        for line in self.workers.iter_mut().chain(Some(&mut self.master)) {
+            if line.requests > 0 {
+                line.p99_us = Some(line.latency.value_at_quantile(0.99));
+            }
+        }
+        let mut outcomes: Vec<(String, u64)> = outcomes.into_iter().collect();
+        outcomes.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        self.outcomes = outcomes;
+
+        let shed: i64 = conn.query_row(
+            "SELECT coalesce(sum(count), 0) FROM journal_events \
+             WHERE kind = 'shed' AND ts_us >= ?1",
+            [since],
+            |r| r.get(0),
+        )?;
+        self.shed_rows = u64::try_from(shed).unwrap_or(0);
+        Ok(())
+    }
+
+    /// The time between the first and the last request, in seconds.
+    pub fn span_s(&self) -> f64 {
+        match (self.first_us, self.last_us) {
+            (Some(f), Some(l)) => (l - f) as f64 / 1e6,
+            _ => 0.0,
+        }
+    }
+
+    /// Requests per second over the span, when there is one.
+    pub fn rate_per_s(&self) -> Option<f64> {
+        let span = self.span_s();
+        (span > 0.0).then(|| self.requests as f64 / span)
+    }
+
+    fn share(&self, requests: u64) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            requests as f64 / self.requests as f64
+        }
+    }
+
+    /// The report as one JSON object (documented in `docs/JOURNAL.md`).
+    pub fn to_json(&self) -> Value {
+        let outcomes: serde_json::Map<String, Value> = self
+            .outcomes
+            .iter()
+            .map(|(code, n)| (code.clone(), json!(n)))
+            .collect();
+        let latency = match self.latency {
+            Some(l) => json!({ "p50": l.p50, "p90": l.p90, "p99": l.p99, "max": l.max }),
+            None => json!({ "p50": null, "p90": null, "p99": null, "max": null }),
+        };
+        let workers: Vec<Value> = self
+            .workers
+            .iter()
+            .map(|w| {
+                json!({
+                    "pid": w.pid,
+                    "requests": w.requests,
+                    "share": self.share(w.requests),
+                    "p99_us": w.p99_us,
+                    "started_at": w.started_us.map(iso_utc),
+                    "exited_at": w.exited_us.map(iso_utc),
+                    "state": w.state(),
+                    "reason": w.reason,
+                    "exit_status": w.exit_status,
+                })
+            })
+            .collect();
+        json!({
+            "journal": self.journal.display().to_string(),
+            "since": self.since,
+            "since_ts": self.since_us.map(iso_utc),
+            "first_ts": self.first_us.map(iso_utc),
+            "last_ts": self.last_us.map(iso_utc),
+            "requests": self.requests,
+            "span_s": self.span_s(),
+            "rate_per_s": self.rate_per_s(),
+            "outcomes": outcomes,
+            "latency_us": latency,
+            "shed_rows": self.shed_rows,
+            "master": {
+                "requests": self.master.requests,
+                "share": self.share(self.master.requests),
+                "p99_us": self.master.p99_us,
+            },
+            "workers": workers,
+        })
+    }
+
+    /// The report as aligned text for a terminal. Times are UTC.
+    ///
+    /// # Errors
+    /// A failed write to `out`.
+    pub fn write_text(&self, out: &mut dyn Write) -> io::Result<()> {
+        writeln!(out, "journal    {}", self.journal.display())?;
+        if let (Some(text), Some(us)) = (&self.since, self.since_us) {
+            writeln!(out, "since      {text} ({} UTC)", short_utc(us))?;
+        }
+        match (self.first_us, self.last_us) {
+            (Some(f), Some(l)) => writeln!(
+                out,
+                "span       {} .. {} UTC ({:.1} s)",
+                short_utc(f),
+                short_utc(l),
+                self.span_s()
+            )?,
+            _ => writeln!(out, "span       -")?,
+        }
+        match self.rate_per_s() {
+            Some(rate) => writeln!(out, "requests   {} ({rate:.1}/s)", self.requests)?,
+            None => writeln!(out, "requests   {}", self.requests)?,
+        }
+        writeln!(out, "shed rows  {}", self.shed_rows)?;
+        if let Some(l) = self.latency {
+            writeln!(
+                out,
+                "latency    p50 {}  p90 {}  p99 {}  max {}",
+                human_us(l.p50),
+                human_us(l.p90),
+                human_us(l.p99),
+                human_us(l.max)
+            )?;
+        }
+
+        if !self.outcomes.is_empty() {
+            writeln!(out)?;
+            let mut table = Table::new(["OUTCOME", "COUNT", "SHARE"], [false, true, true]);
+            for (code, n) in &self.outcomes {
+                table.push([code.clone(), n.to_string(), percent(self.share(*n))]);
+            }
+            table.write(out)?;
+        }
+
+        writeln!(out)?;
+        if self.workers.is_empty() && self.master.requests == 0 {
+            return writeln!(out, "no workers in this period");
+        }
+        let mut table = Table::new(
+            [
+                "PID", "REQUESTS", "SHARE", "P99", "STARTED", "ENDED", "REASON",
+            ],
+            [true, true, true, true, false, false, false],
+        );
+        let lines = self
+            .workers
+            .iter()
+            .chain((self.master.requests > 0).then_some(&self.master));
+        for w in lines {
+            let reason = match (w.pid, &w.reason, &w.exit_status) {
+                (None, _, _) => "answered by the master".to_owned(),
+                (_, Some(r), Some(s)) => format!("{r} ({s})"),
+                (_, Some(r), None) => r.clone(),
+                (_, None, _) if w.exit_unrecorded => {
+                    "not recorded (master did not stop cleanly)".to_owned()
+                }
+                (_, None, _) if w.started_us.is_none() => "-".to_owned(),
+                (_, None, _) => "running".to_owned(),
+            };
+            table.push([
+                w.pid.map_or_else(|| "master".to_owned(), |p| p.to_string()),
+                w.requests.to_string(),
+                percent(self.share(w.requests)),
+                w.p99_us.map_or_else(|| "-".to_owned(), human_us),
+                w.started_us.map_or_else(|| "-".to_owned(), short_utc),
+                w.exited_us.map_or_else(|| "-".to_owned(), short_utc),
+                reason,
+            ]);
+        }
+        table.write(out)
+    }
+}
+
+/// Attributes a request received at `ts` to one of a pid's `workers` rows:
+/// the latest one started at or before it.
+fn attribute(workers: &[WorkerLine], rows: &[usize], ts: i64) -> usize {
+    rows.iter()
+        .rev()
+        .copied()
+        .find(|&i| match workers[i].started_us {
+            Some(started) => started <= ts,
+            None => true,
+        })
+        .unwrap_or(rows[0])
+}
+
+fn open_read_only(path: &Path) -> anyhow::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    // The first read of the header: a non-SQLite file fails here.
+    let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version != SCHEMA_VERSION {
+        bail!("not a udp-pool journal (schema version {version}, expected {SCHEMA_VERSION})");
+    }
+    Ok(conn)
+}
+
+/// A column-aligned table; the last column is never padded.
+struct Table<const N: usize> {
+    rows: Vec<[String; N]>,
+    right: [bool; N],
+}
+
+impl<const N: usize> Table<N> {
+    fn new(header: [&str; N], right: [bool; N]) -> Table<N> {
+        Table {
+            rows: vec![header.map(str::to_owned)],
+            right,
+        }
+    }
+
+    fn push(&mut self, row: [String; N]) {
+        self.rows.push(row);
+    }
+
+    fn write(&self, out: &mut dyn Write) -> io::Result<()> {
+        let mut widths = [0; N];
+        for row in &self.rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        for row in &self.rows {
+            let mut line = String::new();
+            for (i, cell) in row.iter().enumerate() {
+                if i > 0 {
+                    line.push_str("  ");
+                }
+                let pad = " ".repeat(widths[i] - cell.chars().count());
+                if self.right[i] {
+                    line.push_str(&pad);
+                    line.push_str(cell);
+                } else {
+                    line.push_str(cell);
+                    if i + 1 < N {
+                        line.push_str(&pad);
+                    }
+                }
+            }
+            writeln!(out, "{}", line.trim_end())?;
+        }
+        Ok(())
+    }
+}
+
+fn percent(share: f64) -> String {
+    format!("{:.1}%", share * 100.0)
+}
+
+/// `850 µs`, `12.3 ms`, `1.50 s`.
+fn human_us(us: u64) -> String {
+    if us < 1_000 {
+        format!("{us} µs")
+    } else if us < 1_000_000 {
+        format!("{:.1} ms", us as f64 / 1e3)
+    } else {
+        format!("{:.2} s", us as f64 / 1e6)
+    }
+}
+
+/// The UTC calendar date and time of unix microseconds:
+/// (year, month, day, hour, minute, second, microsecond).
+fn utc_parts(us: i64) -> (i64, u32, u32, u32, u32, u32, u32) {
+    let secs = us.div_euclid(1_000_000);
+    let micros = us.rem_euclid(1_000_000) as u32;
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400) as u32;
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (
+        year,
+        month,
+        day,
+        sod / 3600,
+        sod / 60 % 60,
+        sod % 60,
+        micros,
+    )
+}
+
+/// `2024-05-01T10:00:00.123456Z`, as the journal's generated `ts` columns.
+pub fn iso_utc(us: i64) -> String {
+    let (y, mo, d, h, mi, s, micros) = utc_parts(us);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{micros:06}Z")
+}
+
+/// `2024-05-01 10:00:00.123`, for the terminal.
+fn short_utc(us: i64) -> String {
+    let (y, mo, d, h, mi, s, micros) = utc_parts(us);
+    format!(
+        "{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02}.{:03}",
+        micros / 1000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::{ExitReason, Journal, RequestId, RequestRow};
+    use protocol::{ErrorCode, Op, Outcome};
+
+    fn row(ts: i64, pid: Option<u32>, outcome: Outcome, latency_us: u64) -> RequestRow {
+        RequestRow {
+            ts_unix_us: ts,
+            client: "127.0.0.1:4000".parse().unwrap(),
+            request_id: Some(RequestId::new(b"1")),
+            op: Op::Square,
+            worker_pid: pid,
+            outcome,
+            latency_us,
+        }
+    }
+
+    /// A journal with 100 old requests (two hours ago) and 300 recent ones
+    /// across workers 11, 12 and the master; worker 13 served nothing.
+    fn sample(dir: &Path) -> PathBuf {
+        let path = dir.join("j.db");
+        let now = now_unix_us();
+        let old = now - 2 * 3600 * 1_000_000;
+        let journal = Journal::open(&path, 0).unwrap();
+        journal.worker_started(11, old - 1);
+        journal.worker_started(12, old - 1);
+        journal.worker_started(13, now - 1000);
+        let mut rows = Vec::new();
+        for i in 0..100 {
+            rows.push(row(old + i, Some(11), Outcome::Ok, 100));
+        }
+        for i in 0..300i64 {
+            let (pid, outcome) = match i % 3 {
+                0 => (Some(11), Outcome::Ok),
+                1 => (Some(12), Outcome::Ok),
+                _ => (None, Outcome::Error(ErrorCode::Busy)),
+            };
+            rows.push(row(now - 300 + i, pid, outcome, 1 + i as u64));
+        }
+        journal.submit(&mut rows);
+        journal.worker_exited(12, now, None, Some(9), 100, ExitReason::Crash);
+        journal.close();
+        path
+    }
+
+    #[test]
+    fn json_totals_match_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sample(dir.path());
+        let json = Report::collect(&path, None).unwrap().to_json();
+        assert_eq!(json["requests"], 400);
+        assert_eq!(json["outcomes"]["ok"], 300);
+        assert_eq!(json["outcomes"]["busy"], 100);
+        assert_eq!(json["shed_rows"], 0);
+        assert_eq!(json["latency_us"]["max"], 300);
+        assert_eq!(json["master"]["requests"], 100);
+        let workers = json["workers"].as_array().unwrap();
+        let pids: Vec<u64> = workers.iter().map(|w| w["pid"].as_u64().unwrap()).collect();
+        assert_eq!(pids, [11, 12, 13]);
+        let served: Vec<u64> = workers
+            .iter()
+            .map(|w| w["requests"].as_u64().unwrap())
+            .collect();
+        assert_eq!(served, [200, 100, 0]);
+        assert_eq!(workers[0]["share"], 0.5);
+        assert_eq!(workers[1]["reason"], "crash");
+        assert_eq!(workers[1]["exit_status"], "signal 9 (SIGKILL)");
+        assert_eq!(workers[1]["state"], "exited");
+        assert_eq!(
+            workers[2]["state"], "unknown",
+            "its master closed the journal"
+        );
+        assert!(json["span_s"].as_f64().unwrap() > 7000.0);
+        assert!(json["rate_per_s"].as_f64().unwrap() > 0.0);
+    }
+
+    #[test]
+    fn since_limits_the_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sample(dir.path());
+        let since = now_unix_us() - 3_600_000_000;
+        let report = Report::collect(&path, Some(since)).unwrap();
+        assert_eq!(report.requests, 300);
+        assert_eq!(
+            report.outcomes,
+            [("ok".to_owned(), 200), ("busy".to_owned(), 100)]
+        );
+        let served: Vec<(Option<u32>, u64)> =
+            report.workers.iter().map(|w| (w.pid, w.requests)).collect();
+        assert_eq!(served, [(Some(11), 100), (Some(12), 100), (Some(13), 0)]);
+        let l = report.latency.unwrap();
+        assert_eq!(l.max, 300);
+        assert!((148..=152).contains(&l.p50), "{l:?}");
+        assert!((295..=300).contains(&l.p99), "{l:?}");
+    }
+
+    #[test]
+    fn text_names_every_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sample(dir.path());
+        let mut out = Vec::new();
+        Report::collect(&path, None)
+            .unwrap()
+            .write_text(&mut out)
+            .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        for needle in [
+            "requests   400",
+            "busy",
+            "11",
+            "12",
+            "13",
+            "crash (signal 9 (SIGKILL))",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing in\n{text}");
+        }
+        assert!(text.lines().any(|l| l.starts_with("master")), "{text}");
+    }
+
+    #[test]
+    fn large_latencies_are_not_clamped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.db");
+        let journal = Journal::open(&path, 0).unwrap();
+        let mut rows: Vec<RequestRow> = [1_000, 2_000_000, 3_000_000, 60_000_000]
+            .into_iter()
+            .map(|l| row(1_000, Some(9), Outcome::Ok, l))
+            .collect();
+        journal.submit(&mut rows);
+        journal.close();
+        let report = Report::collect(&path, None).unwrap();
+        let l = report.latency.unwrap();
+        assert!((1_998_000..=2_002_000).contains(&l.p50), "{l:?}");
+        assert!((59_940_000..=60_000_000).contains(&l.p99), "{l:?}");
+        assert_eq!(l.max, 60_000_000);
+        let p99 = report.workers[0].p99_us.unwrap();
+        assert!((59_400_000..=60_600_000).contains(&p99), "{p99}");
+    }
+
+    #[test]
+    fn a_reused_pid_is_two_workers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.db");
+        let journal = Journal::open(&path, 0).unwrap();
+        journal.worker_started(5, 1_000);
+        journal.worker_exited(5, 2_000, Some(0), None, 1, ExitReason::Retired);
+        journal.worker_started(5, 3_000);
+        let mut rows = vec![
+            row(1_500, Some(5), Outcome::Ok, 1),
+            row(3_500, Some(5), Outcome::Ok, 1),
+            row(3_600, Some(5), Outcome::Ok, 1),
+        ];
+        journal.submit(&mut rows);
+        journal.close();
+        let report = Report::collect(&path, None).unwrap();
+        let served: Vec<u64> = report.workers.iter().map(|w| w.requests).collect();
+        assert_eq!(served, [1, 2]);
+    }
+
+    #[test]
+    fn missing_and_foreign_files_name_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.db");
+        let msg = format!("{:#}", Report::collect(&missing, None).unwrap_err());
+        assert!(
+            msg.starts_with(&format!("cannot read journal {}: ", missing.display())),
+            "{msg}"
+        );
+
+        let garbage = dir.path().join("garbage.db");
+        std::fs::write(&garbage, vec![7u8; 4096]).unwrap();
+        let msg = format!("{:#}", Report::collect(&garbage, None).unwrap_err());
+        assert!(
+            msg.contains("garbage.db") && msg.contains("not a database"),
+            "{msg}"
+        );
+
+        let other = dir.path().join("other.db");
+        Connection::open(&other)
+            .unwrap()
+            .execute_batch("CREATE TABLE t(x)")
+            .unwrap();
+        let msg = format!("{:#}", Report::collect(&other, None).unwrap_err());
+        assert!(
+            msg.contains("other.db") && msg.contains("not a udp-pool journal"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn since_durations_parse() {
+        assert_eq!(parse_since("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_since("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_since("2h").unwrap(), Duration::from_secs(7200));
+        assert_eq!(parse_since("1d").unwrap(), Duration::from_secs(86_400));
+        assert_eq!(parse_since("1h30m").unwrap(), Duration::from_secs(5400));
+        for bad in ["", "10", "m", "10x", "-5m", "1.5h", "99999999999999999999d"] {
+            let msg = parse_since(bad).unwrap_err().to_string();
+            assert!(msg.starts_with("invalid --since"), "{bad:?}: {msg}");
+        }
+    }
+
+    #[test]
+    fn utc_formatting_matches_sqlite() {
+        assert_eq!(
+            iso_utc(1_714_557_600_123_456),
+            "2024-05-01T10:00:00.123456Z"
+        );
+        assert_eq!(iso_utc(0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(iso_utc(951_782_400_000_000), "2000-02-29T00:00:00.000000Z");
+        assert_eq!(short_utc(1_714_557_600_123_456), "2024-05-01 10:00:00.123");
+    }
+
+    /// `cargo test -p master --release --lib report::tests::million_rows -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn million_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.db");
+        let now = now_unix_us();
+        let journal = Journal::open(&path, 0).unwrap();
+        for pid in 1..=8 {
+            journal.worker_started(pid, now - 2_000_000_000);
+        }
+        let mut batch = Vec::new();
+        for i in 0..1_000_000i64 {
+            let pid = (i % 9 != 0).then_some(1 + (i % 8) as u32);
+            batch.push(row(
+                now - 1_000_000_000 + i * 1000,
+                pid,
+                Outcome::Ok,
+                (i % 5000) as u64,
+            ));
+            if batch.len() == 4096 {
+                while journal.written_rows() + 32_768 < i as u64 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                journal.submit(&mut batch);
+            }
+        }
+        journal.submit(&mut batch);
+        journal.close();
+        let start = std::time::Instant::now();
+        Journal::open(&path, 0).unwrap().close();
+        eprintln!(
+            "reopening (quick_check) took {:.3} s",
+            start.elapsed().as_secs_f64()
+        );
+        for since in [None, Some(now - 500_000_000), Some(now - 10_000_000)] {
+            let start = std::time::Instant::now();
+            let report = Report::collect(&path, since).unwrap();
+            eprintln!(
+                "since {since:?}: {} requests in {:.3} s",
+                report.requests,
+                start.elapsed().as_secs_f64()
+            );
+        }
+    }
+}
