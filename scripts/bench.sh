@@ -7,11 +7,13 @@
 # table (for docs/PERFORMANCE.md) and the targets it meets or misses.
 #
 # usage: scripts/bench.sh [--out DIR] [--rounds N] [--seconds S] [--rate R]
-#                         [--sockets K] [--window W] [--configs pool,inline,journal,python]
+#                         [--sockets K] [--window W] [--loadgen-nice N]
+#                         [--configs pool,inline,journal,python]
 # The same settings can come from the environment: BENCH_ROUNDS (3),
 # BENCH_SECONDS (5), BENCH_RATE (half the pool's peak), BENCH_SOCKETS (4),
-# BENCH_WINDOW (32), BENCH_CONFIGS. With the defaults it takes about 3
-# minutes, and it refuses settings that would take more than 9.
+# BENCH_WINDOW (32), BENCH_LOADGEN_NICE (-10, latency phase only),
+# BENCH_CONFIGS. With the defaults it takes about 2 minutes; it refuses
+# settings that would take more than 9.
 # Only 127.0.0.1 is loaded; every server started is stopped on any exit.
 set -euo pipefail
 

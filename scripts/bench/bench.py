@@ -192,7 +192,11 @@ def run_one(config, phase, args, rate=None, plot=None):
                     tail = f.read()[-2000:]
                 raise RuntimeError("%s did not answer with %d workers within 10 s: %s\n%s"
                                    % (" ".join(cmd), WORKERS[config], proc.poll(), tail))
-            load = [os.path.join(args.bin_dir, "loadgen"), "--server", "127.0.0.1:%d" % port,
+            # In the latency phase loadgen runs at a higher priority (when
+            # allowed), so that it sends on time although it shares the CPUs
+            # with the server: the schedule is the measurement's clock.
+            nice = ["nice", "-n", str(args.loadgen_nice)] if phase == "latency" and args.loadgen_nice else []
+            load = nice + [os.path.join(args.bin_dir, "loadgen"), "--server", "127.0.0.1:%d" % port,
                     "--duration", str(args.seconds), "--sockets", str(args.sockets), "--json", "--quiet"]
             if phase == "peak":
                 load += ["--window", str(args.window)]
@@ -343,6 +347,8 @@ def main():
     p.add_argument("--window", type=int, default=env_num("BENCH_WINDOW", 32, int),
                    help="outstanding per socket in the peak phase; sockets x window stays under the "
                         "pool's 4 x --max-inflight (64) so the pool is not measured answering busy")
+    p.add_argument("--loadgen-nice", type=int, default=env_num("BENCH_LOADGEN_NICE", -10, int),
+                   help="niceness of loadgen in the latency phase (default -10; 0 leaves it alone)")
     p.add_argument("--configs", default=os.environ.get("BENCH_CONFIGS", ",".join(CONFIGS)),
                    help="comma-separated subset of: " + ", ".join(CONFIGS))
     p.add_argument("--out", help="also write table.md, results.json and plots into this directory")
@@ -401,9 +407,10 @@ def main():
             time.strftime("%Y-%m-%d %H:%M"), os.cpu_count(), platform.release(), platform.python_version()),
         "",
         "%d round(s) x %.1f s per measurement, medians; peak: closed loop, loadgen --sockets %d --window %d; "
-        "latency: open loop at the rate shown (%s); loadgen runs on the same machine." % (
+        "latency: open loop at the rate shown (%s), loadgen at nice %d; loadgen runs on the same machine." % (
             args.rounds, args.seconds, args.sockets, args.window,
-            "--rate %.0f" % args.rate if args.rate else "half of the pool's peak; Python at most half of its own"),
+            "--rate %.0f" % args.rate if args.rate else "half of the pool's peak; Python at most half of its own",
+            args.loadgen_nice),
         "CPU/request: user+sys of the server and its children during the peak runs, per ok reply.",
         "Latency is from the intended send time (wrk2-style); 'p99 from send' is from the actual send: "
         "where the two differ, loadgen itself was delayed (it shares the CPUs with the server).",
