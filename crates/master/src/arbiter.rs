@@ -500,7 +500,7 @@ impl Arbiter {
     fn spawn_allowed(&self, now: Instant) -> bool {
         self.accepting()
             && self.slots.iter().filter(|s| s.is_active()).count() < self.target
-            && !self.next_spawn_at.is_some_and(|t| now < t)
+            && self.next_spawn_at.is_none_or(|t| now >= t)
     }
 
     fn accepting(&self) -> bool {
