@@ -50,7 +50,7 @@ impl Rng {
 #[test]
 fn killing_a_worker_every_50_ms_loses_no_request() {
     let _g = harness::exclusive();
-    let mut s = Server::start(&["--workers", "4"]);
+    let s = Server::start(&["--workers", "4"]);
     let (numbers, requests) = square_stream(3000);
     let progress = Arc::new(AtomicUsize::new(0));
     let load = Load {
@@ -169,7 +169,7 @@ fn killing_a_worker_every_50_ms_loses_no_request() {
 #[test]
 fn a_hung_worker_is_killed_and_its_request_gets_timeout() {
     let _g = harness::exclusive();
-    let mut s = Server::start(&["--workers", "4", "--request-timeout-ms", "500"]);
+    let s = Server::start(&["--workers", "4", "--request-timeout-ms", "500"]);
     let before = s.workers();
     let c = s.client();
     let sent = Instant::now();
@@ -209,7 +209,7 @@ fn a_hung_worker_is_killed_and_its_request_gets_timeout() {
 #[test]
 fn a_crash_request_gets_worker_crashed_with_fault_injection() {
     let _g = harness::shared();
-    let mut s = Server::start(&["--workers", "4", "--enable-fault-injection"]);
+    let s = Server::start(&["--workers", "4", "--enable-fault-injection"]);
     let c = s.client();
     c.send(br#"{"op":"crash","id":"boom"}"#);
     let reply = c.recv(Duration::from_secs(5));
@@ -235,7 +235,7 @@ fn a_crash_request_gets_worker_crashed_with_fault_injection() {
 #[test]
 fn a_crash_request_is_disabled_without_fault_injection() {
     let _g = harness::shared();
-    let mut s = Server::start(&["--workers", "4"]);
+    let s = Server::start(&["--workers", "4"]);
     let before = s.workers();
     let workers = s.worker_pids();
     let reply = s.ask(r#"{"op":"crash","id":3}"#);
@@ -254,7 +254,7 @@ fn a_crash_request_is_disabled_without_fault_injection() {
 #[test]
 fn stats_answers_within_300_ms_while_every_worker_sleeps() {
     let _g = harness::exclusive();
-    let mut s = Server::start(&["--workers", "4"]);
+    let s = Server::start(&["--workers", "4"]);
     let sleeper = s.client();
     for i in 0..4 {
         sleeper.send(format!(r#"{{"op":"sleep","ms":2000,"id":{i}}}"#).as_bytes());
@@ -294,7 +294,7 @@ fn stats_answers_within_300_ms_while_every_worker_sleeps() {
 #[test]
 fn a_worker_that_cannot_start_stops_the_master_with_one_clear_line() {
     let _g = harness::shared();
-    let mut s = Server::launch(&["--worker-path", "/bin/false"]);
+    let s = Server::launch(&["--worker-path", "/bin/false"]);
     let status = s.wait_exit(Duration::from_secs(10));
     s.check(status.is_some_and(|st| !st.success()), || {
         format!("--worker-path /bin/false: expected a non-zero exit within 10 s, got {status:?}")
@@ -365,7 +365,7 @@ fn flood(server: std::net::SocketAddr, count: u64, for_at_most: Duration) -> Flo
 fn a_flood_gets_busy_replies_in_bounded_memory_then_normal_service() {
     const RSS_BOUND_KIB: u64 = 64 * 1024;
     let _g = harness::exclusive();
-    let mut s = Server::start(&["--workers", "2", "--max-inflight", "4"]);
+    let s = Server::start(&["--workers", "2", "--max-inflight", "4"]);
     let master = s.pid();
     let rss_before = rss_kib(master).unwrap_or(0);
     let addr = s.addr();
@@ -415,4 +415,84 @@ fn a_flood_gets_busy_replies_in_bounded_memory_then_normal_service() {
     s.check(st["totals"]["busy"].as_u64() >= Some(busy), || {
         format!("stats counts fewer busy replies than the {busy} received: {st}")
     });
+}
+
+#[test]
+fn stats_reports_the_pool_its_workers_and_totals() {
+    let _g = harness::shared();
+    let s = Server::start(&["--workers", "3", "--max-inflight", "7"]);
+    let workers = s.worker_pids();
+    for i in 0..10 {
+        let got = s.ask_text(i.to_string().as_bytes());
+        s.check(got == (i * i).to_string(), || format!("{i} -> {got:?}"));
+    }
+    let bad = s.ask(r#"{"op":"nope","id":1}"#);
+    s.check(bad.error().as_deref() == Some("unknown_op"), || {
+        format!("{bad:?}")
+    });
+    let reply = s.ask(r#"{"op":"stats","id":"st"}"#);
+    let st = reply.json();
+    s.check(reply.raw("id").as_deref() == Some("\"st\""), || {
+        format!("stats id: {reply:?}")
+    });
+    s.check(
+        st["op"] == "stats" && st["master_pid"] == s.pid() && st["uptime_s"].is_number(),
+        || {
+            format!(
+                "stats: op, master_pid {} and uptime_s expected: {st}",
+                s.pid()
+            )
+        },
+    );
+    s.check(
+        st["pool"]["target"] == 3 && st["pool"]["active"] == 3 && st["pool"]["max_inflight"] == 7,
+        || format!("stats pool: expected target 3, active 3, max_inflight 7: {st}"),
+    );
+    let listed: BTreeSet<u32> = st["workers"]
+        .as_array()
+        .map(|w| {
+            w.iter()
+                .filter_map(|w| w["pid"].as_u64().map(|p| p as u32))
+                .collect()
+        })
+        .unwrap_or_default();
+    s.check(listed == workers.iter().copied().collect(), || {
+        format!("stats lists workers {listed:?}, the master's children are {workers:?}")
+    });
+    let fields_ok = st["workers"].as_array().is_some_and(|w| {
+        w.iter().all(|w| {
+            w["age_s"].is_number()
+                && w["served"].is_u64()
+                && w["in_flight"] == 0
+                && w["state"] == "idle"
+        })
+    });
+    s.check(fields_ok, || {
+        format!("stats workers: age_s, served, in_flight 0, state idle: {st}")
+    });
+    let served: u64 = st["workers"]
+        .as_array()
+        .map_or(0, |w| w.iter().filter_map(|w| w["served"].as_u64()).sum());
+    let t = &st["totals"];
+    s.check(
+        served == 11
+            && t["ok"] == 10
+            && t["errors"]["unknown_op"] == 1
+            && t["answered"] == 11
+            && t["received"].as_u64() >= Some(12)
+            && t["crashes"] == 0
+            && t["timeouts"] == 0
+            && t["busy"] == 0,
+        || format!("stats after 10 squares and 1 unknown op: {st}"),
+    );
+    for key in [
+        "restarts",
+        "redispatched",
+        "journal_written",
+        "journal_shed",
+    ] {
+        s.check(t[key].is_u64(), || {
+            format!("stats totals lacks {key}: {st}")
+        });
+    }
 }

@@ -17,6 +17,7 @@
 
 #![allow(dead_code)] // Not every test module uses every helper.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io;
@@ -214,7 +215,7 @@ pub struct Server {
     addr: Option<SocketAddr>,
     command: String,
     log_path: PathBuf,
-    exit: Option<ExitStatus>,
+    exit: Cell<Option<ExitStatus>>,
     dir: TempDir,
 }
 
@@ -263,7 +264,7 @@ impl Server {
             addr: None,
             command,
             log_path,
-            exit: None,
+            exit: Cell::new(None),
             dir,
         }
     }
@@ -319,7 +320,7 @@ impl Server {
     }
 
     /// Sends `sig` to the master.
-    pub fn signal(&mut self, sig: Signal) {
+    pub fn signal(&self, sig: Signal) {
         if self.poll_exit().is_some() {
             self.fail(&format!("cannot send {sig}: the master has exited"));
         }
@@ -329,7 +330,7 @@ impl Server {
     }
 
     /// Waits up to `timeout` for the master to exit.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+    pub fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
         let started = Instant::now();
         loop {
             if let Some(s) = self.poll_exit() {
@@ -346,20 +347,21 @@ impl Server {
     /// status is read with `WNOWAIT`): while it is a zombie its PID, and so
     /// its process group, cannot be reused, and `Drop` can kill the group
     /// safely.
-    pub fn poll_exit(&mut self) -> Option<ExitStatus> {
-        if self.exit.is_none() {
+    pub fn poll_exit(&self) -> Option<ExitStatus> {
+        if self.exit.get().is_none() {
             let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
             match waitid(Id::Pid(Pid::from_raw(self.pid as i32)), flags) {
                 Ok(WaitStatus::Exited(_, code)) => {
-                    self.exit = Some(ExitStatus::from_raw((code & 0xff) << 8));
+                    self.exit
+                        .set(Some(ExitStatus::from_raw((code & 0xff) << 8)));
                 }
                 Ok(WaitStatus::Signaled(_, sig, _)) => {
-                    self.exit = Some(ExitStatus::from_raw(sig as i32));
+                    self.exit.set(Some(ExitStatus::from_raw(sig as i32)));
                 }
                 _ => {}
             }
         }
-        self.exit
+        self.exit.get()
     }
 
     /// Everything the master has logged so far.
@@ -370,7 +372,7 @@ impl Server {
     /// Panics with `msg`, the command line, the exit status and the tail of
     /// the log.
     #[track_caller]
-    pub fn fail(&mut self, msg: &str) -> ! {
+    pub fn fail(&self, msg: &str) -> ! {
         let status = match self.poll_exit() {
             Some(s) => s.to_string(),
             None => "still running".to_owned(),
@@ -386,7 +388,7 @@ impl Server {
 
     /// Checks `cond`, failing with `msg` and the log when it does not hold.
     #[track_caller]
-    pub fn check(&mut self, cond: bool, msg: impl FnOnce() -> String) {
+    pub fn check(&self, cond: bool, msg: impl FnOnce() -> String) {
         if !cond {
             let msg = msg();
             self.fail(&msg);
@@ -397,10 +399,10 @@ impl Server {
     /// Returns how long it took.
     #[track_caller]
     pub fn wait_until(
-        &mut self,
+        &self,
         what: &str,
         timeout: Duration,
-        mut cond: impl FnMut(&mut Server) -> bool,
+        mut cond: impl FnMut(&Server) -> bool,
     ) -> Duration {
         let started = Instant::now();
         loop {
@@ -422,7 +424,7 @@ impl Server {
     /// Sends one JSON request from a fresh socket and returns the reply
     /// that matches its id (retrying a lost one twice); fails otherwise.
     #[track_caller]
-    pub fn ask(&mut self, request: &str) -> Reply {
+    pub fn ask(&self, request: &str) -> Reply {
         match self
             .client()
             .request(request.as_bytes(), Duration::from_secs(3), 3)
@@ -434,7 +436,7 @@ impl Server {
 
     /// `ask` for the text dialect: one datagram, its first reply.
     #[track_caller]
-    pub fn ask_text(&mut self, payload: &[u8]) -> String {
+    pub fn ask_text(&self, payload: &[u8]) -> String {
         match self.client().request(payload, Duration::from_secs(3), 3) {
             Some(r) => r.text(),
             None => self.fail(&format!(
@@ -446,7 +448,7 @@ impl Server {
 
     /// The master's `stats` reply, as JSON.
     #[track_caller]
-    pub fn stats(&mut self) -> Value {
+    pub fn stats(&self) -> Value {
         let reply = self.ask(r#"{"op":"stats","id":"harness-stats"}"#);
         let v = reply.json();
         if v["ok"] != Value::Bool(true) {
@@ -458,7 +460,7 @@ impl Server {
     /// Waits (up to `timeout`) until the master has exactly `n` live
     /// children and `stats` says `n` active workers, none booting.
     #[track_caller]
-    pub fn wait_pool(&mut self, n: usize, timeout: Duration) -> Duration {
+    pub fn wait_pool(&self, n: usize, timeout: Duration) -> Duration {
         self.wait_until(&format!("the pool has {n} workers"), timeout, |s| {
             if s.worker_pids().len() != n {
                 return false;

@@ -20,7 +20,7 @@ const EVENTUALLY: Duration = Duration::from_secs(10);
 #[test]
 fn sigterm_exits_0_and_leaves_no_worker() {
     let _g = harness::shared();
-    let mut s = Server::start(&["--workers", "4"]);
+    let s = Server::start(&["--workers", "4"]);
     let workers = s.workers();
     s.check(workers.len() == 4, || {
         format!("expected 4 workers: {workers:?}")
@@ -46,7 +46,7 @@ fn sigterm_exits_0_and_leaves_no_worker() {
 #[test]
 fn sigterm_answers_the_requests_in_flight() {
     let _g = harness::exclusive();
-    let mut s = Server::start(&["--workers", "4"]);
+    let s = Server::start(&["--workers", "4"]);
     let c = s.client();
     let ids = ["\"s1\"", "\"s2\"", "\"s3\"", "\"s4\""];
     for id in ids {
@@ -84,7 +84,7 @@ fn sigterm_answers_the_requests_in_flight() {
 #[test]
 fn a_sigkilled_master_takes_its_workers_down() {
     let _g = harness::shared();
-    let mut s = Server::start(&["--workers", "4"]);
+    let s = Server::start(&["--workers", "4"]);
     let workers = s.workers();
     s.check(workers.len() == 4, || {
         format!("expected 4 workers: {workers:?}")
@@ -109,7 +109,7 @@ fn a_sigkilled_master_takes_its_workers_down() {
 #[test]
 fn sighup_replaces_every_worker_during_a_stream_without_losing_a_request() {
     let _g = harness::exclusive();
-    let mut s = Server::start(&["--workers", "4"]);
+    let s = Server::start(&["--workers", "4"]);
     let old = s.workers();
     s.check(old.len() == 4, || format!("expected 4 workers: {old:?}"));
     let numbers: Vec<String> = (0..3000u64)
@@ -188,7 +188,7 @@ fn sighup_replaces_every_worker_during_a_stream_without_losing_a_request() {
 #[test]
 fn ttin_then_ttou_resize_the_pool() {
     let _g = harness::shared();
-    let mut s = Server::start(&["--workers", "4"]);
+    let s = Server::start(&["--workers", "4"]);
     s.signal(Signal::SIGTTIN);
     s.wait_pool(5, EVENTUALLY);
     let st = s.stats();
@@ -214,7 +214,7 @@ fn ttin_then_ttou_resize_the_pool() {
 #[test]
 fn max_requests_1_serves_each_request_from_a_fresh_process() {
     let _g = harness::exclusive();
-    let mut s = Server::start(&["--workers", "4", "--max-requests", "1"]);
+    let s = Server::start(&["--workers", "4", "--max-requests", "1"]);
     let mut pids = Vec::new();
     for i in 0..20u64 {
         let n = format!("{}{i}", 10u128.pow(25));
@@ -234,4 +234,104 @@ fn max_requests_1_serves_each_request_from_a_fresh_process() {
         )
     });
     s.wait_pool(4, EVENTUALLY);
+}
+
+/// Sends `n` sleeps of `ms` from `c` (ids 0..n) and waits until the
+/// workers hold all of them.
+fn sleeps_in_flight(s: &Server, c: &harness::Client, n: u64, ms: u64) {
+    for i in 0..n {
+        c.send(format!(r#"{{"op":"sleep","ms":{ms},"id":{i}}}"#).as_bytes());
+    }
+    s.wait_until(&format!("{n} sleeps are in flight"), EVENTUALLY, |s| {
+        let st = s.stats();
+        st["workers"].as_array().is_some_and(|w| {
+            w.iter()
+                .map(|w| w["in_flight"].as_u64().unwrap_or(0))
+                .sum::<u64>()
+                == n
+        })
+    });
+}
+
+/// Collects `n` replies from `c`, each within `deadline` of now.
+fn replies(s: &Server, c: &harness::Client, n: usize, deadline: Duration) -> Vec<Reply> {
+    let started = Instant::now();
+    let mut got = Vec::new();
+    while got.len() < n {
+        match c.recv(deadline.saturating_sub(started.elapsed())) {
+            Some(r) => got.push(r),
+            None => s.fail(&format!(
+                "only {} of {n} replies within {deadline:?}: {got:?}",
+                got.len()
+            )),
+        }
+    }
+    got
+}
+
+#[test]
+fn a_second_sigterm_stops_at_once_and_answers_shutting_down() {
+    let _g = harness::shared();
+    let s = Server::start(&["--workers", "2"]);
+    let c = s.client();
+    sleeps_in_flight(&s, &c, 2, 8000);
+    s.signal(Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(100));
+    s.signal(Signal::SIGTERM);
+    let second = Instant::now();
+    let got = replies(&s, &c, 2, Duration::from_secs(3));
+    for r in &got {
+        s.check(r.error().as_deref() == Some("shutting_down"), || {
+            format!("a sleep in flight at the second SIGTERM got {r:?}")
+        });
+    }
+    let status = s.wait_exit(Duration::from_secs(3));
+    s.check(status.is_some(), || {
+        format!(
+            "the master still runs {:?} after a second SIGTERM",
+            second.elapsed()
+        )
+    });
+}
+
+#[test]
+fn the_graceful_timeout_ends_a_drain_and_every_request_is_answered() {
+    let _g = harness::shared();
+    let s = Server::start(&["--workers", "2", "--graceful-timeout", "1"]);
+    let workers = s.workers();
+    let c = s.client();
+    sleeps_in_flight(&s, &c, 2, 8000);
+    let signalled = Instant::now();
+    s.signal(Signal::SIGTERM);
+    let got = replies(&s, &c, 2, Duration::from_secs(4));
+    for r in &got {
+        s.check(r.error().as_deref() == Some("shutting_down"), || {
+            format!("a sleep cut short by --graceful-timeout 1 got {r:?}")
+        });
+    }
+    let status = s.wait_exit(Duration::from_secs(4));
+    let took = signalled.elapsed();
+    s.check(status.is_some(), || {
+        format!("the master still runs {took:?} after SIGTERM with --graceful-timeout 1")
+    });
+    let left: Vec<_> = workers.iter().filter(|p| exists(**p)).collect();
+    s.check(left.is_empty(), || {
+        format!("workers left after the drain: {left:?}")
+    });
+}
+
+#[test]
+fn ttou_lets_the_retiring_worker_answer_what_it_holds() {
+    let _g = harness::shared();
+    let s = Server::start(&["--workers", "4"]);
+    let c = s.client();
+    sleeps_in_flight(&s, &c, 4, 1000);
+    s.signal(Signal::SIGTTOU);
+    let got = replies(&s, &c, 4, Duration::from_secs(5));
+    for r in &got {
+        s.check(r.is_ok() && r.json()["op"] == "sleep", || {
+            format!("a sleep held across SIGTTOU got {r:?}")
+        });
+    }
+    s.wait_pool(3, EVENTUALLY);
 }

@@ -42,7 +42,7 @@ fn test_numbers() -> Vec<String> {
 
 /// Checks that `reply` is `ok:true` for `op` and came from one of `workers`.
 #[track_caller]
-fn check_ok(s: &mut Server, what: &str, reply: &Reply, op: &str, workers: &[u32]) {
+fn check_ok(s: &Server, what: &str, reply: &Reply, op: &str, workers: &[u32]) {
     let v = reply.json();
     s.check(v["ok"] == true && v["op"] == op, || {
         format!("{what}: expected ok:true op {op}, got {reply:?}")
@@ -58,7 +58,7 @@ fn check_ok(s: &mut Server, what: &str, reply: &Reply, op: &str, workers: &[u32]
 #[test]
 fn json_squares_are_exact_and_come_from_the_four_workers() {
     let _g = harness::shared();
-    let mut s = Server::start(&["--workers", "4"]);
+    let s = Server::start(&["--workers", "4"]);
     let workers = s.worker_pids();
     s.check(workers.len() == 4, || {
         format!("expected 4 children of the master, found {workers:?}")
@@ -81,7 +81,7 @@ fn json_squares_are_exact_and_come_from_the_four_workers() {
     let mut seen = BTreeSet::new();
     for (i, n) in numbers.iter().enumerate() {
         let reply = got.replies[i].clone().expect("checked above");
-        check_ok(&mut s, &requests[i], &reply, "square", &workers);
+        check_ok(&s, &requests[i], &reply, "square", &workers);
         let want = square_of(n);
         let result = reply.raw("result");
         s.check(result.as_deref() == Some(want.as_str()), || {
@@ -101,7 +101,7 @@ fn json_squares_are_exact_and_come_from_the_four_workers() {
 #[test]
 fn ids_are_echoed_verbatim() {
     let _g = harness::shared();
-    let mut s = Server::start(&["--workers", "4"]);
+    let s = Server::start(&["--workers", "4"]);
     let ids = [
         "7",
         "-3",
@@ -134,7 +134,7 @@ fn ids_are_echoed_verbatim() {
 #[test]
 fn text_squares_and_greetings_name_a_worker() {
     let _g = harness::shared();
-    let mut s = Server::start(&["--workers", "4"]);
+    let s = Server::start(&["--workers", "4"]);
     let workers = s.worker_pids();
     let big = forty_digits(1);
     let cases: Vec<(String, String)> = vec![
@@ -155,6 +155,19 @@ fn text_squares_and_greetings_name_a_worker() {
         let got = s.ask_text(text.as_bytes());
         s.check(&got == want, || {
             format!("text {text:?}: expected {want:?}, got {got:?}")
+        });
+    }
+
+    // Decimals in JSON too: squared as f64, shortest round-trip form.
+    for (n, want) in [
+        ("1.5", "2.25"),
+        ("-12", "144"),
+        ("2.0", "4.0"),
+        ("1e3", "1000000.0"),
+    ] {
+        let reply = s.ask(&format!(r#"{{"op":"square","n":{n},"id":"d"}}"#));
+        s.check(reply.raw("result").as_deref() == Some(want), || {
+            format!("JSON square of {n}: expected {want}, got {reply:?}")
         });
     }
 
@@ -181,7 +194,7 @@ fn text_squares_and_greetings_name_a_worker() {
             3,
         )
         .unwrap_or_else(|| s.fail("no reply to the JSON hello"));
-    check_ok(&mut s, "JSON hello", &reply, "hello", &workers);
+    check_ok(&s, "JSON hello", &reply, "hello", &workers);
     let v = reply.json();
     let wp = reply.worker_pid().expect("checked");
     s.check(
@@ -193,7 +206,7 @@ fn text_squares_and_greetings_name_a_worker() {
 #[test]
 fn bad_inputs_get_error_replies_and_the_same_workers_keep_serving() {
     let _g = harness::shared();
-    let mut s = Server::start(&["--workers", "4", "--max-datagram", "65507"]);
+    let s = Server::start(&["--workers", "4", "--max-datagram", "65507"]);
     let before = s.workers();
     let workers = s.worker_pids();
     s.check(before.len() == 4, || {
@@ -330,7 +343,7 @@ fn bad_inputs_get_error_replies_and_the_same_workers_keep_serving() {
 #[test]
 fn a_datagram_over_max_datagram_gets_too_large() {
     let _g = harness::shared();
-    let mut s = Server::start(&["--workers", "2", "--max-datagram", "1000"]);
+    let s = Server::start(&["--workers", "2", "--max-datagram", "1000"]);
     let pad = "x".repeat(2000);
     let req = format!(r#"{{"op":"square","n":1,"id":77,"pad":"{pad}"}}"#);
     let c = s.client();
@@ -365,12 +378,12 @@ fn ipv6_works() {
         eprintln!("SKIPPED: this machine has no IPv6 loopback");
         return;
     }
-    let mut s = Server::start(&["--workers", "2", "--bind", "[::1]:0"]);
+    let s = Server::start(&["--workers", "2", "--bind", "[::1]:0"]);
     let addr = s.addr();
     s.check(addr.is_ipv6(), || format!("bound to {addr}"));
     let workers = s.worker_pids();
     let reply = s.ask(r#"{"op":"square","n":-18446744073709551616,"id":1}"#);
-    check_ok(&mut s, "IPv6 square", &reply, "square", &workers);
+    check_ok(&s, "IPv6 square", &reply, "square", &workers);
     s.check(
         reply.raw("result").as_deref() == Some("340282366920938463463374607431768211456"),
         || format!("IPv6 square of -2^64: got {reply:?}"),
@@ -393,14 +406,14 @@ fn ipv6_works() {
 #[test]
 fn inline_mode_answers_with_the_masters_pid() {
     let _g = harness::shared();
-    let mut s = Server::start(&["--workers", "0"]);
+    let s = Server::start(&["--workers", "0"]);
     let master = s.pid();
     let children = s.worker_pids();
     s.check(children.is_empty(), || {
         format!("--workers 0 started children {children:?}")
     });
     let reply = s.ask(r#"{"op":"square","n":123456789012345678901234567890,"id":"i"}"#);
-    check_ok(&mut s, "inline square", &reply, "square", &[master]);
+    check_ok(&s, "inline square", &reply, "square", &[master]);
     s.check(
         reply.raw("result") == Some(square_of("123456789012345678901234567890")),
         || format!("inline square: got {reply:?}"),
@@ -420,7 +433,7 @@ fn inline_mode_answers_with_the_masters_pid() {
 #[test]
 fn the_client_binary_asks_and_reports() {
     let _g = harness::shared();
-    let mut s = Server::start(&["--workers", "4"]);
+    let s = Server::start(&["--workers", "4"]);
     let workers = s.worker_pids();
     let addr = s.addr().to_string();
 
@@ -534,7 +547,7 @@ fn the_worker_run_by_hand_says_so_and_fails() {
 #[test]
 fn a_missing_worker_executable_stops_the_master_with_one_clear_line() {
     let _g = harness::shared();
-    let mut s = Server::launch(&["--worker-path", "/nonexistent/worker"]);
+    let s = Server::launch(&["--worker-path", "/nonexistent/worker"]);
     let status = s.wait_exit(COMMAND_DEADLINE);
     s.check(status.is_some_and(|st| !st.success()), || {
         format!("expected a non-zero exit within {COMMAND_DEADLINE:?}, got {status:?}")
@@ -565,12 +578,14 @@ fn the_lectures_python_clients_get_answers() {
              lecture's server) and run the test again"
         ),
     }
-    let mut s = Server::start(&["--workers", "4", "--bind", "127.0.0.1:10001"]);
+    let s = Server::start(&["--workers", "4", "--bind", "127.0.0.1:10001"]);
     let workers = s.worker_pids();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lecture");
-    let run = |s: &mut Server, script: &str| -> String {
+    let run = |s: &Server, script: &str| -> String {
         let mut cmd = Command::new("python3");
-        cmd.arg(dir.join(script)).env("PYTHONUNBUFFERED", "1");
+        // stdout stays block-buffered: each of the forked clients writes its
+        // lines in one piece when it exits, so they do not interleave.
+        cmd.arg(dir.join(script)).env_remove("PYTHONUNBUFFERED");
         let (out, in_time) = run_with_deadline(&mut cmd, COMMAND_DEADLINE);
         s.check(in_time && out.status.success(), || {
             format!(
@@ -580,33 +595,38 @@ fn the_lectures_python_clients_get_answers() {
         });
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let names_a_worker = |line: &str| {
-        line.rsplit("This is server ")
-            .next()
-            .and_then(|p| p.trim().parse::<u32>().ok())
-            .is_some_and(|p| workers.contains(&p))
+    // The PIDs named by the greetings `Hi 127.0.0.1:PORT. This is server PID` in `out`.
+    let greeters = |out: &str| -> Vec<u32> {
+        out.split("Hi 127.0.0.1:")
+            .skip(1)
+            .filter_map(|g| g.split_once(". This is server "))
+            .filter_map(|(port, rest)| {
+                port.parse::<u16>().ok()?;
+                let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                pid.parse().ok()
+            })
+            .collect()
     };
 
-    let out = run(&mut s, "client.py");
-    let greeted: Vec<&str> = out
-        .lines()
-        .filter(|l| l.starts_with("Received message from server:  Hi 127.0.0.1:"))
-        .collect();
-    s.check(greeted.len() == 1 && names_a_worker(greeted[0]), || {
-        format!("client.py: expected a greeting from one of {workers:?}:\n{out}")
-    });
-
-    let out = run(&mut s, "multiple_clients.py");
-    let greeted: Vec<&str> = out
-        .lines()
-        .filter(|l| l.starts_with("Received message:  Hi 127.0.0.1:"))
-        .collect();
+    let out = run(&s, "client.py");
+    let pids = greeters(&out);
     s.check(
-        greeted.len() == 3 && greeted.iter().all(|l| names_a_worker(l)),
+        out.matches("Received message from server: ").count() == 1
+            && pids.len() == 1
+            && workers.contains(&pids[0]),
+        || format!("client.py: expected one greeting from one of {workers:?}:\n{out}"),
+    );
+
+    let out = run(&s, "multiple_clients.py");
+    let pids = greeters(&out);
+    s.check(
+        out.matches("Received message: ").count() == 3
+            && pids.len() == 3
+            && pids.iter().all(|p| workers.contains(p)),
         || format!("multiple_clients.py: expected 3 greetings from {workers:?}:\n{out}"),
     );
 
-    let out = run(&mut s, "square_client.py");
+    let out = run(&s, "square_client.py");
     let squares: Vec<&str> = out
         .lines()
         .filter_map(|l| l.strip_prefix("Received square from server:  "))
