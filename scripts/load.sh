@@ -38,6 +38,7 @@ cargo build --release --quiet --workspace
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/udp-pool-load.XXXXXX")"
 master_pid=""
 worker_pids=""
+loadgen_pid=""
 
 stop_master() {
     [[ -n "$master_pid" ]] || return 0
@@ -68,10 +69,26 @@ stop_master() {
     master_pid=""
 }
 
+# shellcheck disable=SC2329 # invoked by cleanup
+stop_loadgen() {
+    [[ -n "$loadgen_pid" ]] || return 0
+    # loadgen stops sending on SIGINT and reports; it is bounded by its own
+    # --timeout-ms drain, but this wait has a deadline too.
+    kill -INT "$loadgen_pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do
+        kill -0 "$loadgen_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$loadgen_pid" 2>/dev/null || true
+    wait "$loadgen_pid" 2>/dev/null || true
+    loadgen_pid=""
+}
+
 # shellcheck disable=SC2329 # invoked by the EXIT trap
 cleanup() {
     local status=$?
     trap - EXIT INT TERM
+    stop_loadgen
     stop_master
     rm -rf "$tmp"
     exit "$status"
@@ -111,8 +128,14 @@ if [[ "$ready" != 1 ]]; then
     exit 1
 fi
 
+# loadgen runs in the background so that a signal reaches this script's
+# traps at once: they pass it on (loadgen then stops sending, drains and
+# still reports), and the master is stopped after.
+"$bin/loadgen" --server "$server" --duration "$duration" "${loadgen_args[@]}" &
+loadgen_pid=$!
 status=0
-"$bin/loadgen" --server "$server" --duration "$duration" "${loadgen_args[@]}" || status=$?
+wait "$loadgen_pid" || status=$?
+loadgen_pid=""
 if [[ "$status" != 0 ]]; then
     echo "load.sh: loadgen failed ($status); the master's log:" >&2
     tail -n 20 "$tmp/master.log" >&2

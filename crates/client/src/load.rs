@@ -14,12 +14,15 @@ use std::io::{self, IsTerminal, Read, Write};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use log::{debug, warn};
+use nix::sys::signal::{kill, sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::sys::socket::{setsockopt, sockopt};
+use nix::unistd::Pid;
 
 use crate::addr;
 use crate::cli::{LoadArgs, MAX_DURATION_S};
@@ -85,6 +88,7 @@ pub enum Pacing {
 /// failed, or a report or plot that cannot be written.
 pub fn run(args: &LoadArgs) -> Result<()> {
     let server = addr::resolve_loopback(&args.server)?;
+    install_stop_handler().context("installing the SIGINT/SIGTERM handler")?;
     let duration = match (args.duration, args.requests) {
         (Some(d), _) => d,
         (None, Some(_)) => MAX_DURATION_S,
@@ -222,7 +226,17 @@ fn run_processes(args: &LoadArgs, plan: &Plan, processes: u32) -> Result<Tally> 
         .map(|c| (drain(c.stdout.take()), drain(c.stderr.take())))
         .collect();
     let mut statuses = vec![None; children.len()];
+    let mut forwarded = false;
     while statuses.iter().any(Option::is_none) {
+        if stop_requested() && !forwarded {
+            // Ask every child to stop sending and report what it has.
+            forwarded = true;
+            for c in &children {
+                if let Ok(pid) = i32::try_from(c.id()) {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGINT);
+                }
+            }
+        }
         for (c, s) in children.iter_mut().zip(statuses.iter_mut()) {
             if s.is_none() {
                 *s = c.try_wait().context("waiting for a load process")?;
@@ -287,6 +301,34 @@ fn time_bar(duration: Duration) -> ProgressBar {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar
+}
+
+/// Set by SIGINT or SIGTERM: stop sending, wait for the replies still due,
+/// and report.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn stop_requested() -> bool {
+    STOP.load(Ordering::Relaxed)
+}
+
+/// The first SIGINT or SIGTERM ends the sending early (the report still
+/// comes); a second one kills as usual (`SA_RESETHAND`).
+fn install_stop_handler() -> nix::Result<()> {
+    let action = SigAction::new(
+        SigHandler::Handler(on_stop),
+        SaFlags::SA_RESETHAND,
+        SigSet::empty(),
+    );
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        sigaction(Signal::SIGINT, &action)?;
+        sigaction(Signal::SIGTERM, &action)?;
+    }
+    Ok(())
 }
 
 /// One request on the wire, in a ring slot indexed by its id.
@@ -464,21 +506,28 @@ impl Flow {
                 let len = wire::render_load_request(kind, id, arg, batch.slot_mut(i));
                 batch.set_len(i, len);
             }
-            let went = match batch.send(self.socket.as_fd(), n) {
-                Ok(k) => k,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.blocked = true;
-                    0
-                }
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    // A port-unreachable from an earlier datagram; the error
-                    // is cleared, the batch is sent again next time.
-                    tally.refused += 1;
-                    0
-                }
-                Err(e) => {
-                    warn!("send: {e}");
-                    0
+            let mut refusals = 0;
+            let went = loop {
+                match batch.send(self.socket.as_fd(), n) {
+                    Ok(k) => break k,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.blocked = true;
+                        break 0;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                        // A port-unreachable left by an earlier datagram:
+                        // reporting it cleared it, so send the batch again.
+                        tally.refused += 1;
+                        refusals += 1;
+                        if refusals > 2 {
+                            break 0;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        warn!("send: {e}");
+                        break 0;
+                    }
                 }
             };
             for i in 0..went {
@@ -713,9 +762,10 @@ pub fn run_flows(plan: &Plan) -> Result<Tally> {
         if sending && now_ns >= send_end_ns {
             sending = false;
             tally.send_ns = send_end_ns;
-        } else if sending && remaining == 0 {
+        } else if sending && (remaining == 0 || stop_requested()) {
             sending = false;
             tally.send_ns = now_ns;
+            tally.interrupted = remaining > 0;
         }
         if sending {
             for f in flows.iter_mut() {

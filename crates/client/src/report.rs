@@ -57,6 +57,9 @@ pub struct Tally {
     pub last_answer_ns: u64,
     /// The most an open-loop send ran behind its schedule, in nanoseconds.
     pub max_send_lag_ns: u64,
+    /// Sending stopped early on SIGINT or SIGTERM.
+    #[serde(default)]
+    pub interrupted: bool,
 }
 
 impl Default for Tally {
@@ -78,6 +81,7 @@ impl Default for Tally {
             send_ns: 0,
             last_answer_ns: 0,
             max_send_lag_ns: 0,
+            interrupted: false,
         }
     }
 }
@@ -148,6 +152,7 @@ impl Tally {
         self.send_ns = self.send_ns.max(other.send_ns);
         self.last_answer_ns = self.last_answer_ns.max(other.last_answer_ns);
         self.max_send_lag_ns = self.max_send_lag_ns.max(other.max_send_lag_ns);
+        self.interrupted |= other.interrupted;
     }
 
     /// Error replies of every code.
@@ -269,6 +274,9 @@ pub fn render_text(setup: &Setup, t: &Tally) -> String {
         setup.mix,
         t.send_ns as f64 / 1e9
     );
+    if t.interrupted {
+        let _ = writeln!(out, "            interrupted: sending stopped early");
+    }
     let _ = writeln!(
         out,
         "requests    sent {}  answered {}  lost {} ({:.3}%)  duplicates {}  late {}  wrong {}",
@@ -320,7 +328,7 @@ pub fn render_text(setup: &Setup, t: &Tally) -> String {
     if named < t.answered {
         let _ = writeln!(
             out,
-            "            ({} answers name no worker: text-dialect replies carry no PID)",
+            "            ({} answers name no worker: the master's own errors and text replies carry none)",
             t.answered - named
         );
     }
@@ -401,6 +409,7 @@ pub fn render_json(setup: &Setup, t: &Tally) -> serde_json::Value {
         "latency_from_send_us": service,
         "per_pid": per_pid,
         "duration_s": t.send_ns as f64 / 1e9,
+        "interrupted": t.interrupted,
         "active_s": t.active_s(),
         "max_send_lag_us": us(t.max_send_lag_ns),
         "throughput_series_rps": series,
