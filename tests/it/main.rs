@@ -13,6 +13,7 @@
 
 mod faults;
 mod harness;
+mod journal;
 mod lifecycle;
 mod serve;
 // mod journal; (the SQLite journal's tests go here)
