@@ -125,6 +125,9 @@ pub struct WorkerLine {
     /// journal since the worker started: its master did not stop cleanly.
     pub exit_unrecorded: bool,
     latency: Histogram<u64>,
+    /// The exact largest latency: the histogram rounds up within a bucket,
+    /// so its quantiles are capped at this.
+    max_latency_us: u64,
 }
 
 impl WorkerLine {
@@ -139,6 +142,7 @@ impl WorkerLine {
             exit_status: None,
             exit_unrecorded: false,
             latency: new_histogram(2),
+            max_latency_us: 0,
         }
     }
 
@@ -305,6 +309,7 @@ impl Report {
             };
             line.requests += 1;
             record(&mut line.latency, lat);
+            line.max_latency_us = line.max_latency_us.max(lat);
         }
 
         if self.since_us.is_some() {
@@ -325,7 +330,11 @@ impl Report {
         }
         for line in self.workers.iter_mut().chain(Some(&mut self.master)) {
             if line.requests > 0 {
-                line.p99_us = Some(line.latency.value_at_quantile(0.99));
+                line.p99_us = Some(
+                    line.latency
+                        .value_at_quantile(0.99)
+                        .min(line.max_latency_us),
+                );
             }
         }
         let mut outcomes: Vec<(String, u64)> = outcomes.into_iter().collect();
