@@ -15,7 +15,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -33,6 +33,13 @@ use crate::wire::{self, Kind, Matched};
 
 /// Receive batches taken from one socket before the loop turns to sending.
 const MAX_RECV_ROUNDS: usize = 8;
+
+/// Open loop: how far ahead of their intended time requests may go, and so
+/// the shortest sleep between sends. A wake-up (a timer and two context
+/// switches) costs more than a send, several times more in a VM; at rates
+/// above one request per tick, the requests due within a tick go together
+/// in one batch, up to a tick early.
+const OPEN_LOOP_TICK_NS: u64 = 100_000;
 
 /// Socket buffer sizes asked for (the kernel may cap them at its maximum).
 const RCVBUF: usize = 8 << 20;
@@ -429,6 +436,11 @@ impl Flow {
         if let Err(e) = setsockopt(&socket, sockopt::SndBuf, &SNDBUF) {
             debug!("SO_SNDBUF: {e}");
         }
+        // Kernel arrival times make latency exact however late the loop
+        // gets round to reading a reply.
+        if let Err(e) = setsockopt(&socket, sockopt::ReceiveTimestampns, &true) {
+            debug!("SO_TIMESTAMPNS: {e}");
+        }
         let local = socket
             .local_addr()
             .context("reading a load socket's address")?;
@@ -480,8 +492,11 @@ impl Flow {
             let due = match plan.pacing {
                 Pacing::Closed { window } => window.saturating_sub(self.outstanding),
                 Pacing::Open { .. } => {
+                    // Everything due within the next tick goes now, so
+                    // that the loop wakes at most once per tick.
+                    let horizon = now_ns + OPEN_LOOP_TICK_NS;
                     let mut n = 0;
-                    while n < BATCH && self.intended_ns(self.next_id + n as u64) <= now_ns {
+                    while n < BATCH && self.intended_ns(self.next_id + n as u64) <= horizon {
                         n += 1;
                     }
                     n
@@ -533,8 +548,11 @@ impl Flow {
             for i in 0..went {
                 let id = self.next_id;
                 self.next_id += 1;
+                // Latency counts from the intended time when the send ran
+                // late (no coordinated omission), from the send itself when
+                // it went ahead of time (no credit for sending early).
                 let intended_ns = match plan.pacing {
-                    Pacing::Open { .. } => self.intended_ns(id),
+                    Pacing::Open { .. } => self.intended_ns(id).min(now_ns),
                     Pacing::Closed { .. } => now_ns,
                 };
                 tally.max_send_lag_ns = tally
@@ -567,13 +585,18 @@ impl Flow {
     }
 
     /// Takes every queued reply (a bounded number of batches) and matches
-    /// it. Returns how many datagrams arrived.
-    fn receive(&mut self, batch: &mut RecvBatch, clock: &Instant, tally: &mut Tally) -> usize {
+    /// it. Returns how many datagrams arrived, and whether more may be queued.
+    fn receive(
+        &mut self,
+        batch: &mut RecvBatch,
+        clock: &Clock,
+        tally: &mut Tally,
+    ) -> (usize, bool) {
         let mut got = 0;
         for _ in 0..MAX_RECV_ROUNDS {
             let n = match batch.recv(self.socket.as_fd()) {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (got, false),
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                     tally.refused += 1;
                     continue;
@@ -581,22 +604,26 @@ impl Flow {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     warn!("receive: {e}");
-                    break;
+                    return (got, false);
                 }
             };
-            let now_ns = clock.elapsed().as_nanos() as u64;
+            let now_ns = clock.now_ns();
             for i in 0..n {
+                let at_ns = batch
+                    .arrival_ns(i)
+                    .map_or(now_ns, |t| clock.since_start(t).min(now_ns));
                 match batch.get(i) {
-                    Some(d) => self.settle(d, now_ns, tally),
+                    Some(d) => self.settle(d, at_ns, tally),
                     None => tally.unmatched += 1,
                 }
             }
             got += n;
             if n < BATCH {
-                break;
+                return (got, false);
             }
         }
-        got
+        // Rounds used up: more may be waiting.
+        (got, true)
     }
 
     /// Matches one reply to its request and counts it.
@@ -751,14 +778,32 @@ pub fn run_flows(plan: &Plan) -> Result<Tally> {
             revents: 0,
         })
         .collect();
-    let clock = Instant::now();
+    // Sockets worth a receive call: poll said so, or the last call left
+    // datagrams behind. Receiving only from these saves empty system calls.
+    let mut readable = vec![true; flows.len()];
+    let open = matches!(plan.pacing, Pacing::Open { .. });
+    let mut next_sweep_ns = 0;
+    let clock = Clock::start();
     let mut sending = true;
     loop {
         let mut busy = false;
-        for f in flows.iter_mut() {
-            busy |= f.receive(&mut recv_batch, &clock, &mut tally) > 0;
+        if open && sending {
+            // Replies are not polled for while sending: sweep every socket
+            // once a tick, even when the loop never sleeps (running behind).
+            let now_ns = clock.now_ns();
+            if now_ns >= next_sweep_ns {
+                next_sweep_ns = now_ns + OPEN_LOOP_TICK_NS;
+                readable.iter_mut().for_each(|r| *r = true);
+            }
         }
-        let now_ns = clock.elapsed().as_nanos() as u64;
+        for (f, r) in flows.iter_mut().zip(readable.iter_mut()) {
+            if *r {
+                let (got, more) = f.receive(&mut recv_batch, &clock, &mut tally);
+                busy |= got > 0;
+                *r = more;
+            }
+        }
+        let now_ns = clock.now_ns();
         if sending && now_ns >= send_end_ns {
             sending = false;
             tally.send_ns = send_end_ns;
@@ -811,8 +856,14 @@ pub fn run_flows(plan: &Plan) -> Result<Tally> {
         if sending {
             wake_ns = wake_ns.min(send_end_ns);
             if let Pacing::Open { .. } = plan.pacing {
+                // Wake when the next request comes within a tick, but not
+                // before the tick sent ahead is used up.
                 for f in &flows {
-                    wake_ns = wake_ns.min(f.intended_ns(f.next_id));
+                    let due = f
+                        .intended_ns(f.next_id)
+                        .saturating_sub(OPEN_LOOP_TICK_NS)
+                        .max(now_ns + OPEN_LOOP_TICK_NS);
+                    wake_ns = wake_ns.min(due);
                 }
             }
         }
@@ -820,28 +871,68 @@ pub fn run_flows(plan: &Plan) -> Result<Tally> {
             let until = next_progress.saturating_duration_since(Instant::now());
             wake_ns = wake_ns.min(now_ns + until.as_nanos() as u64);
         }
-        let now_ns = clock.elapsed().as_nanos() as u64;
+        let now_ns = clock.now_ns();
         if wake_ns <= now_ns {
             continue;
         }
+        // While an open loop sends, replies wait for the next tick (their
+        // kernel timestamps keep the latency exact): waking for each one
+        // would cost more CPU than the requests themselves.
+        let lazy = sending && open;
         for (p, f) in pollfds.iter_mut().zip(&flows) {
-            p.events = libc::POLLIN | if f.blocked { libc::POLLOUT } else { 0 };
+            p.events =
+                if lazy { 0 } else { libc::POLLIN } | if f.blocked { libc::POLLOUT } else { 0 };
             p.revents = 0;
         }
         poll_for(&mut pollfds, wake_ns - now_ns)?;
-        for (p, f) in pollfds.iter().zip(flows.iter_mut()) {
+        for ((p, f), r) in pollfds
+            .iter()
+            .zip(flows.iter_mut())
+            .zip(readable.iter_mut())
+        {
             if p.revents & libc::POLLOUT != 0 {
                 f.blocked = false;
             }
+            // POLLERR: a port-unreachable waits to be read as an error.
+            *r = lazy || p.revents & (libc::POLLIN | libc::POLLERR) != 0;
         }
     }
     if sending {
-        tally.send_ns = clock.elapsed().as_nanos() as u64;
+        tally.send_ns = clock.now_ns();
     }
     if let Some(b) = bar {
         b.finish_and_clear();
     }
     Ok(tally)
+}
+
+/// The run's clock: monotonic nanoseconds since the start, and the
+/// conversion of kernel (`CLOCK_REALTIME`) timestamps onto it.
+struct Clock {
+    start: Instant,
+    realtime_start_ns: u64,
+}
+
+impl Clock {
+    fn start() -> Clock {
+        let start = Instant::now();
+        let realtime_start_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Clock {
+            start,
+            realtime_start_ns,
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    /// A `CLOCK_REALTIME` timestamp as nanoseconds since the start.
+    fn since_start(&self, realtime_ns: u64) -> u64 {
+        realtime_ns.saturating_sub(self.realtime_start_ns)
+    }
 }
 
 /// Waits up to `ns` nanoseconds for any of `fds` to be ready.

@@ -115,10 +115,18 @@ impl SendBatch {
     }
 }
 
-/// Replies taken by one `recvmmsg`.
+/// Room for one `SCM_TIMESTAMPNS` control message (a `timespec`), with the
+/// alignment control messages need.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct Control([u8; 64]);
+
+/// Replies taken by one `recvmmsg`, with the kernel's arrival time of each
+/// when the socket has `SO_TIMESTAMPNS` on.
 pub struct RecvBatch {
     slots: Slots,
     truncated: [bool; BATCH],
+    controls: Box<[Control; BATCH]>,
 }
 
 impl Default for RecvBatch {
@@ -126,6 +134,7 @@ impl Default for RecvBatch {
         RecvBatch {
             slots: Slots::new(RECV_SLOT),
             truncated: [false; BATCH],
+            controls: Box::new([Control([0; 64]); BATCH]),
         }
     }
 }
@@ -138,8 +147,17 @@ impl RecvBatch {
     /// `WouldBlock` when none is queued; `ConnectionRefused` for a pending
     /// port-unreachable (which the call also clears).
     pub fn recv(&mut self, fd: BorrowedFd<'_>) -> io::Result<usize> {
-        let slot = self.slots.slot;
-        self.slots.prepare(BATCH, |_| slot);
+        // The headers only change where the kernel writes (lengths, flags),
+        // so they are pointed at the buffers once; the control lengths,
+        // which the kernel overwrites, are reset every time.
+        if self.slots.hdrs.len() != BATCH {
+            let slot = self.slots.slot;
+            self.slots.prepare(BATCH, |_| slot);
+        }
+        for (h, c) in self.slots.hdrs.iter_mut().zip(self.controls.iter_mut()) {
+            h.msg_hdr.msg_control = c.0.as_mut_ptr().cast();
+            h.msg_hdr.msg_controllen = c.0.len() as _;
+        }
         // SAFETY: `hdrs` holds BATCH headers, each pointing at one iovec of
         // `slot` writable bytes inside `bufs`; no timeout is passed.
         let r = unsafe {
@@ -160,6 +178,29 @@ impl RecvBatch {
             self.truncated[i] = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
         }
         Ok(n)
+    }
+
+    /// When datagram `i` of the last [`RecvBatch::recv`] arrived, as the
+    /// kernel stamped it (`CLOCK_REALTIME`, nanoseconds), if it did.
+    pub fn arrival_ns(&self, i: usize) -> Option<u64> {
+        let h = &self.slots.hdrs[i].msg_hdr;
+        // SAFETY: `h` is a header the kernel filled in the last recvmmsg; its
+        // control pointer and length describe `controls[i]`, and the CMSG
+        // macros stay within msg_controllen.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(h);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SO_TIMESTAMPNS {
+                    let ts: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                    return u64::try_from(ts.tv_sec)
+                        .ok()?
+                        .checked_mul(1_000_000_000)?
+                        .checked_add(u64::try_from(ts.tv_nsec).ok()?);
+                }
+                c = libc::CMSG_NXTHDR(h, c);
+            }
+        }
+        None
     }
 
     /// Datagram `i` of the last [`RecvBatch::recv`], or `None` if it did not
@@ -211,5 +252,20 @@ mod tests {
         );
         let err = inb.recv(b.as_fd()).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+
+        nix::sys::socket::setsockopt(&b, nix::sys::socket::sockopt::ReceiveTimestampns, &true)
+            .unwrap();
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        assert_eq!(out.send(a.as_fd(), 1).unwrap(), 1);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(inb.recv(b.as_fd()).unwrap(), 1);
+        let at = inb.arrival_ns(0).expect("a kernel timestamp");
+        assert!(
+            at >= before && at < before + 10_000_000_000,
+            "{at} vs {before}"
+        );
     }
 }
