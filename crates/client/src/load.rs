@@ -785,7 +785,18 @@ pub fn run_flows(plan: &Plan) -> Result<Tally> {
     let mut next_sweep_ns = 0;
     let clock = Clock::start();
     let mut sending = true;
+    // How punctual the loop itself was, for `RUST_LOG=debug`.
+    let mut longest_pass_ns = 0;
+    let mut oversleep_ns = 0;
+    let mut pass_start_ns = 0;
+    let mut slept = true;
     loop {
+        let pass_ns = clock.now_ns();
+        if !slept {
+            longest_pass_ns = longest_pass_ns.max(pass_ns - pass_start_ns);
+        }
+        pass_start_ns = pass_ns;
+        slept = false;
         let mut busy = false;
         if open && sending {
             // Replies are not polled for while sending: sweep every socket
@@ -884,7 +895,13 @@ pub fn run_flows(plan: &Plan) -> Result<Tally> {
                 if lazy { 0 } else { libc::POLLIN } | if f.blocked { libc::POLLOUT } else { 0 };
             p.revents = 0;
         }
+        longest_pass_ns = longest_pass_ns.max(now_ns - pass_start_ns);
         poll_for(&mut pollfds, wake_ns - now_ns)?;
+        slept = true;
+        let woke_ns = clock.now_ns();
+        if woke_ns > wake_ns {
+            oversleep_ns = oversleep_ns.max(woke_ns - wake_ns);
+        }
         for ((p, f), r) in pollfds
             .iter()
             .zip(flows.iter_mut())
@@ -903,6 +920,11 @@ pub fn run_flows(plan: &Plan) -> Result<Tally> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
+    debug!(
+        "loop: longest pass {} µs, latest wake-up {} µs after its time",
+        longest_pass_ns / 1000,
+        oversleep_ns / 1000
+    );
     Ok(tally)
 }
 
