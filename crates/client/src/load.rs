@@ -113,9 +113,6 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         bail!("--requests must be at least 1");
     }
     let processes = if args.child { 1 } else { args.processes };
-    let share = |total: u64, i: u32| {
-        total / u64::from(processes) + u64::from(u64::from(i) < total % u64::from(processes))
-    };
     let plan = Plan {
         server,
         pacing: match args.rate {
@@ -128,7 +125,8 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         },
         sockets: args.sockets as usize,
         duration: Duration::from_secs_f64(duration),
-        requests: args.requests.map(|n| share(n, 0)),
+        // A parent of --processes hands each child its share instead.
+        requests: args.requests,
         mix: args.mix,
         sleep_ms: args.sleep_ms,
         timeout: Duration::from_millis(args.timeout_ms),
@@ -206,8 +204,7 @@ fn run_processes(args: &LoadArgs, plan: &Plan, processes: u32) -> Result<Tally> 
             cmd.args(["--rate", &rate.to_string()]);
         }
         if let Some(n) = total {
-            let p = u64::from(processes);
-            let mine = n / p + u64::from(u64::from(i) < n % p);
+            let mine = share(n, processes, i);
             if mine == 0 {
                 continue;
             }
@@ -292,6 +289,12 @@ fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<St
         }
         text
     })
+}
+
+/// Child `i`'s share of `total` requests split over `processes`.
+fn share(total: u64, processes: u32, i: u32) -> u64 {
+    let p = u64::from(processes);
+    total / p + u64::from(u64::from(i) < total % p)
 }
 
 fn stop_children(children: &mut [Child]) {
@@ -1099,6 +1102,13 @@ mod tests {
         assert_eq!((t.sent, t.answered, t.lost), (200, 200, 0));
         assert!(took >= Duration::from_millis(190), "{took:?}");
         assert!(t.send_ns >= 190_000_000, "{}", t.send_ns);
+    }
+
+    #[test]
+    fn requests_are_shared_out_exactly() {
+        let shares: Vec<u64> = (0..3).map(|i| share(10, 3, i)).collect();
+        assert_eq!(shares, [4, 3, 3]);
+        assert_eq!(share(2, 4, 3), 0);
     }
 
     #[test]
