@@ -335,3 +335,47 @@ fn ttou_lets_the_retiring_worker_answer_what_it_holds() {
     }
     s.wait_pool(3, EVENTUALLY);
 }
+
+#[test]
+fn max_requests_1_under_concurrent_load_answers_everything() {
+    let _g = harness::exclusive();
+    let s = Server::start(&["--workers", "4", "--max-requests", "1"]);
+    let numbers: Vec<String> = (0..400u64)
+        .map(|i| format!("-{}", i * 1_000_003 + 1))
+        .collect();
+    let requests: Vec<String> = numbers
+        .iter()
+        .map(|n| format!(r#"{{"op":"square","n":{n}}}"#))
+        .collect();
+    let got = s.client().many(
+        &requests,
+        &Load {
+            window: 16,
+            ..Load::default()
+        },
+    );
+    let missing = got.missing();
+    s.check(missing.is_empty() && got.resent == 0, || {
+        format!(
+            "--max-requests 1, 16 at once: {} of 400 unanswered, {} resent",
+            missing.len(),
+            got.resent
+        )
+    });
+    let mut pids = BTreeSet::new();
+    for (i, n) in numbers.iter().enumerate() {
+        let reply = got.replies[i].as_ref().expect("checked");
+        s.check(
+            reply.is_ok() && reply.raw("result") == Some(square_of(n)),
+            || format!("square of {n} with --max-requests 1, 16 at once: got {reply:?}"),
+        );
+        pids.extend(reply.worker_pid());
+    }
+    s.check(pids.len() >= 300, || {
+        format!(
+            "400 requests with --max-requests 1 came from only {} processes",
+            pids.len()
+        )
+    });
+    s.wait_pool(4, EVENTUALLY);
+}

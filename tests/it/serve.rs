@@ -309,6 +309,25 @@ fn bad_inputs_get_error_replies_and_the_same_workers_keep_serving() {
         );
     }
 
+    // The largest reply that fits: a text square of 65506 digits; one more does not fit.
+    let nines = "9".repeat(32_753);
+    let got = s.ask_text(nines.as_bytes());
+    s.check(got == square_of(&nines), || {
+        format!(
+            "the square of 32753 nines (65506 digits) fits in a datagram, got {} bytes: {:?}",
+            got.len(),
+            &got[..got.len().min(80)]
+        )
+    });
+    let got = s.ask_text("9".repeat(32_754).as_bytes());
+    s.check(got.starts_with("error: too_large: "), || {
+        format!(
+            "the square of 32754 nines (65508 digits) does not fit, got {} bytes: {:?}",
+            got.len(),
+            &got[..got.len().min(80)]
+        )
+    });
+
     // The empty datagram gets no reply (as in the lecture).
     let c = s.client();
     let got = c.request_raw(b"", Duration::from_millis(300));
