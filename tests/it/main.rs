@@ -10,10 +10,10 @@
 //! * [`faults`]: issue 3's acceptance: crashes, hangs, overload.
 //! * [`lifecycle`]: signals (TERM, KILL of the master, HUP, TTIN/TTOU) and
 //!   `--max-requests`.
+//! * [`journal`]: the SQLite journal and `master report`.
 
 mod faults;
 mod harness;
 mod journal;
 mod lifecycle;
 mod serve;
-// mod journal; (the SQLite journal's tests go here)
