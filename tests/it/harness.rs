@@ -551,58 +551,36 @@ pub fn exists(p: Proc) -> bool {
     stat(p.pid).is_some_and(|s| s.start == p.start)
 }
 
-/// The live (not zombie) children of `parent`, sorted by PID.
-pub fn children_of(parent: u32) -> Vec<Proc> {
+/// Every live (not zombie) process for which `pick` holds, sorted by PID.
+pub fn live_processes(pick: impl Fn(&Stat) -> bool) -> Vec<Proc> {
     let mut out = Vec::new();
     let Ok(dir) = fs::read_dir("/proc") else {
         return out;
     };
     for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
             continue;
         };
-        if let Some(s) = stat(pid) {
-            if s.ppid == parent && s.state != 'Z' && s.state != 'X' {
-                out.push(Proc {
-                    pid,
-                    start: s.start,
-                });
-            }
+        match stat(pid) {
+            Some(s) if s.state != 'Z' && s.state != 'X' && pick(&s) => out.push(Proc {
+                pid,
+                start: s.start,
+            }),
+            _ => {}
         }
     }
     out.sort();
     out
 }
 
-/// The live members of process group `pgid`.
+/// The live children of `parent`, sorted by PID.
+pub fn children_of(parent: u32) -> Vec<Proc> {
+    live_processes(|s| s.ppid == parent)
+}
+
+/// The live members of process group `pgid`, sorted by PID.
 pub fn group_members(pgid: u32) -> Vec<Proc> {
-    let mut out = Vec::new();
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if let Some(s) = stat(pid) {
-            if s.pgrp == pgid && s.state != 'Z' && s.state != 'X' {
-                out.push(Proc {
-                    pid,
-                    start: s.start,
-                });
-            }
-        }
-    }
-    out.sort();
-    out
+    live_processes(|s| s.pgrp == pgid)
 }
 
 /// `VmRSS` of `pid` in KiB.
@@ -621,8 +599,9 @@ pub struct Reply(pub Vec<u8>);
 impl std::fmt::Debug for Reply {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let text = self.text();
-        if text.len() > 300 {
-            write!(f, "{}...({} bytes)", &text[..300], self.0.len())
+        if text.chars().count() > 300 {
+            let head: String = text.chars().take(300).collect();
+            write!(f, "{head}...({} bytes)", self.0.len())
         } else {
             write!(f, "{text}")
         }
