@@ -147,6 +147,7 @@ fn killing_a_worker_every_50_ms_loses_no_request() {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    eprintln!("the pool was full again {full_at:?} after the last kill");
     s.check(full_at.is_some_and(|t| t <= Duration::from_secs(1)), || {
         format!(
             "the pool was back to 4 workers {full_at:?} after the last kill (bound: 1 s); children now {:?}",
@@ -184,6 +185,7 @@ fn a_hung_worker_is_killed_and_its_request_gets_timeout() {
     s.check(reply.raw("id").as_deref() == Some("\"slow\""), || {
         format!("the timeout reply lacks the id \"slow\": {reply:?}")
     });
+    eprintln!("the timeout reply came after {took:?}");
     s.check(took <= Duration::from_secs(1), || {
         format!("the timeout reply came after {took:?} (bound: 1 s)")
     });
@@ -269,6 +271,7 @@ fn stats_answers_within_300_ms_while_every_worker_sleeps() {
     s.check(reply.as_ref().is_some_and(Reply::is_ok), || {
         format!("stats while the workers sleep: got {reply:?} after {took:?}")
     });
+    eprintln!("stats answered in {took:?} while every worker slept");
     s.check(took <= Duration::from_millis(300), || {
         format!("stats took {took:?} while every worker slept (bound: 300 ms)")
     });
