@@ -310,6 +310,16 @@ impl Arbiter {
                 };
                 self.next_seq += 1;
                 let mut req = dispatch(&mut self.slots, &mut self.rr, self.cfg.max_inflight, req);
+                // Completions not yet read make workers look fuller than
+                // they are: read them before calling anyone busy.
+                if req.is_err() {
+                    for i in 0..self.slots.len() {
+                        self.read_completions(i, false);
+                    }
+                    req = req.or_else(|r| {
+                        dispatch(&mut self.slots, &mut self.rr, self.cfg.max_inflight, r)
+                    });
+                }
                 // A retired worker's replacement can start right now
                 // (`--max-requests 1` retires one per request).
                 if req.is_err() && self.spawn_allowed(now) && self.spawn_one().is_ok() {
