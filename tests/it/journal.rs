@@ -815,8 +815,11 @@ fn journal_max_rows_keeps_the_newest_rows_near_the_limit() {
         (1000..=1100).contains(&n) && max_id - min_id + 1 == n && max_id >= N as i64 && shed == 0,
         || format!("expected 1000..=1100 contiguous rows of {N}+ inserted, none shed: {n} rows, ids {min_id}..={max_id}, {shed} shed"),
     );
-    // The kept rows are the last requests: completion order differs from
-    // send order by about the window, so allow a few windows of slack.
+    // The kept rows are the last requests completed. Completion order
+    // follows send order within about a window, except that a worker the
+    // scheduler starves finishes its few queued requests late (seen on a
+    // loaded 2-core machine: 11 of 1000). So most, not all, kept rows must
+    // be among the last sent; keeping the oldest rows would fail this.
     let index: HashMap<String, usize> = got
         .ids
         .iter()
@@ -834,10 +837,11 @@ fn journal_max_rows_keeps_the_newest_rows_near_the_limit() {
                 .is_none_or(|&i| i < oldest_allowed)
         })
         .collect();
-    s.check(too_old.is_empty(), || {
+    s.check(too_old.len() * 10 <= kept.len(), || {
         format!(
-            "{} kept rows are not among the last {} requests, first {:?}",
+            "{} of {} kept rows are not among the last {} requests, first {:?}",
             too_old.len(),
+            kept.len(),
             N - oldest_allowed,
             too_old.first()
         )
