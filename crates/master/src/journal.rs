@@ -84,7 +84,6 @@ const SCHEMA: &str = concat!(
         latency_us  INTEGER NOT NULL
     );
     CREATE INDEX requests_ts ON requests(ts_us);
-    CREATE INDEX requests_worker ON requests(worker_pid, ts_us);
     CREATE TABLE workers (
         id              INTEGER PRIMARY KEY,
         pid             INTEGER NOT NULL,
