@@ -346,7 +346,7 @@ def main():
     p.add_argument("--sockets", type=int, default=env_num("BENCH_SOCKETS", 4, int))
     p.add_argument("--window", type=int, default=env_num("BENCH_WINDOW", 32, int),
                    help="outstanding per socket in the peak phase; sockets x window stays under the "
-                        "pool's 4 x --max-inflight (64) so the pool is not measured answering busy")
+                        "pool's 4 x --max-inflight (128) so the pool is not measured answering busy")
     p.add_argument("--loadgen-nice", type=int, default=env_num("BENCH_LOADGEN_NICE", -10, int),
                    help="niceness of loadgen in the latency phase (default -10; 0 leaves it alone)")
     p.add_argument("--configs", default=os.environ.get("BENCH_CONFIGS", ",".join(CONFIGS)),

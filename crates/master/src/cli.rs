@@ -48,7 +48,7 @@ pub struct ServeArgs {
     pub max_datagram: u32,
 
     /// Requests one worker may hold at once; when every worker is full, clients get `busy`.
-    #[arg(long, default_value_t = 64, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    #[arg(long, default_value_t = 128, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub max_inflight: u32,
 
     /// A worker whose oldest request is older than this is killed; its requests get `timeout`.
