@@ -628,3 +628,49 @@ fn kills_hup_ttin_and_ttou_together_lose_no_request() {
     s.check(target >= 1, || format!("pool target {target}"));
     s.wait_pool(target, EVENTUALLY);
 }
+
+/// A worker build that stops booting (here: `--worker-path` is a script
+/// that execs the real worker, then is switched to `exit 3`) is a crash
+/// loop: the master logs it, backs off exponentially instead of spinning,
+/// keeps serving with the workers still alive, and fills the pool again
+/// once workers boot again.
+#[test]
+fn a_crash_loop_backs_off_and_the_pool_recovers() {
+    use std::os::unix::fs::PermissionsExt;
+    let _g = harness::exclusive();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let script = dir.path().join("worker.sh");
+    let write_script = |body: &str| {
+        // Written aside and renamed, so a starting worker never sees half a file.
+        let tmp = dir.path().join("worker.sh.new");
+        std::fs::write(&tmp, format!("#!/bin/sh\n{body}\n")).expect("write script");
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::rename(&tmp, &script).expect("rename script");
+    };
+    let real = harness::bin("worker");
+    write_script(&format!("exec '{}' \"$@\"", real.display()));
+    let s = Server::start(&["--workers", "3", "--worker-path", script.to_str().unwrap()]);
+    s.wait_pool(3, EVENTUALLY);
+
+    write_script("exit 3");
+    let victim = s.worker_pids()[0];
+    kill(Pid::from_raw(victim as i32), Signal::SIGKILL).expect("kill a worker");
+    s.wait_until("the master reports a crash loop", EVENTUALLY, |s| {
+        s.log().contains("crash loop")
+    });
+    // Backing off, not spinning: a few failed starts, not hundreds.
+    std::thread::sleep(Duration::from_millis(1500));
+    let failed = s.log().matches("failed to boot").count();
+    s.check((6..=40).contains(&failed), || {
+        format!("expected a handful of failed starts while backing off, saw {failed}")
+    });
+    // The two survivors still serve.
+    let r = s.ask(r#"{"op":"square","n":12,"id":"during-loop"}"#);
+    s.check(
+        r.is_ok() && r.raw("result").as_deref() == Some("144"),
+        || format!("a square during the crash loop: {}", r.text()),
+    );
+
+    write_script(&format!("exec '{}' \"$@\"", real.display()));
+    s.wait_pool(3, Duration::from_secs(20));
+}
