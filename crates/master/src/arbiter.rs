@@ -14,6 +14,7 @@ use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
 use protocol::frame::{self, FrameBuf, ToMaster};
 use protocol::{ErrorCode, Op, Outcome, ReplyContext, Request};
 
@@ -403,10 +404,8 @@ impl Arbiter {
                 Err(e) => return Err(e).context("waitpid"),
                 Ok(s) => s,
             };
-            let (pid, code, signal) = match status {
-                WaitStatus::Exited(pid, code) => (pid, Some(code), None),
-                WaitStatus::Signaled(pid, sig, _) => (pid, None, Some(sig as i32)),
-                _ => continue,
+            let Some((pid, code, signal)) = exit_of(status) else {
+                continue;
             };
             if let Some(i) = self.slots.iter().position(|s| s.pid == pid) {
                 // Completions written before the death are still in the pipe.
@@ -708,16 +707,7 @@ impl Arbiter {
             SlotState::Retiring(_) => ExitReason::Crash,
             SlotState::Killed(r) => r,
         };
-        if let Some(j) = &self.ledger.journal {
-            j.worker_exited(
-                slot.pid.as_raw() as u32,
-                journal::now_unix_us(),
-                code,
-                signal,
-                slot.served,
-                reason,
-            );
-        }
+        self.journal_exit(&slot, code, signal, reason);
         if matches!(self.phase, Phase::Booting { .. }) && reason == ExitReason::BootFailure {
             bail!(
                 "worker {} (pid {}) exited ({}) before it was ready: is --worker-path a udp-pool worker?",
@@ -786,6 +776,26 @@ impl Arbiter {
             }
         }
         Ok(())
+    }
+
+    fn journal_exit(
+        &self,
+        slot: &WorkerSlot,
+        code: Option<i32>,
+        signal: Option<i32>,
+        reason: ExitReason,
+    ) {
+        if let Some(j) = &self.ledger.journal {
+            let pid = slot.pid.as_raw() as u32;
+            j.worker_exited(
+                pid,
+                journal::now_unix_us(),
+                code,
+                signal,
+                slot.served,
+                reason,
+            );
+        }
     }
 
     /// Counts a worker that died having served nothing; too many in the
@@ -889,21 +899,12 @@ impl Arbiter {
             }
         }
         for slot in std::mem::take(&mut self.slots) {
-            let status = waitpid(slot.pid, None);
-            let (code, signal) = match status {
-                Ok(WaitStatus::Exited(_, c)) => (Some(c), None),
-                Ok(WaitStatus::Signaled(_, s, _)) => (None, Some(s as i32)),
-                _ => (None, None),
-            };
-            if let (Some(j), SlotState::Killed(reason)) = (&self.ledger.journal, slot.state) {
-                j.worker_exited(
-                    slot.pid.as_raw() as u32,
-                    journal::now_unix_us(),
-                    code,
-                    signal,
-                    slot.served,
-                    reason,
-                );
+            let (code, signal) = waitpid(slot.pid, None)
+                .ok()
+                .and_then(exit_of)
+                .map_or((None, None), |(_, c, s)| (c, s));
+            if let SlotState::Killed(reason) = slot.state {
+                self.journal_exit(&slot, code, signal, reason);
             }
             log::info!(
                 "worker {} exited: {}",
@@ -949,6 +950,16 @@ impl Drop for Arbiter {
         for slot in &self.slots {
             let _ = waitpid(slot.pid, None);
         }
+    }
+}
+
+/// The pid, exit code and signal of a child that has ended; `None` for a
+/// status that is not an end (stopped, continued).
+fn exit_of(status: WaitStatus) -> Option<(Pid, Option<i32>, Option<i32>)> {
+    match status {
+        WaitStatus::Exited(pid, code) => Some((pid, Some(code), None)),
+        WaitStatus::Signaled(pid, sig, _) => Some((pid, None, Some(sig as i32))),
+        _ => None,
     }
 }
 
