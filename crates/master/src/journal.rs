@@ -40,8 +40,10 @@ pub const SCHEMA_VERSION: i32 = 1;
 pub const MAX_QUEUED_ROWS: usize = 16 * 1024;
 
 /// The longest the writer lets queued rows wait before committing them: at
-/// most this much is lost when the master is killed.
-pub const COMMIT_INTERVAL: Duration = Duration::from_millis(50);
+/// most this much is lost when the master is killed. Short, so that each
+/// commit is a small burst of CPU: 50 ms commits (a few ms of inserts at
+/// once) put a 4 ms p99 on requests at 70k/s on two cores, 5 ms ones 2 ms.
+pub const COMMIT_INTERVAL: Duration = Duration::from_millis(5);
 
 /// Queued rows that wake the writer early, before [`COMMIT_INTERVAL`] is up,
 /// so a burst is written in several moderate transactions instead of one
