@@ -22,14 +22,14 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
 use protocol::frame::MAX_DONE_ID;
 use protocol::{Op, Outcome};
-use rusqlite::{params, Connection, OpenFlags, TransactionBehavior};
+use rusqlite::{params, Connection, OpenFlags, Statement, TransactionBehavior};
 
 /// The schema version this code writes and reads, kept in `PRAGMA user_version`.
 pub const SCHEMA_VERSION: i32 = 1;
@@ -122,6 +122,41 @@ const SCHEMA: &str = concat!(
 const INSERT_REQUEST: &str = "INSERT INTO requests \
      (ts_us, client, request_id, op, worker_pid, outcome, latency_us) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+/// The parameters per row of [`INSERT_REQUEST`].
+const REQUEST_COLUMNS: usize = 7;
+/// Rows per multi-row `INSERT` ([`insert_many_sql`]): one statement step
+/// per this many rows instead of one per row, which took the writer from
+/// about 500k to 620k rows/s (390k to 520k with retention) in
+/// `journal::tests::writer_throughput`; 16 and 64 rows measured a little
+/// slower, 128 clearly so. The rest of a batch goes through
+/// [`INSERT_REQUEST`].
+const INSERT_MANY_ROWS: usize = 32;
+
+/// [`INSERT_REQUEST`] for [`INSERT_MANY_ROWS`] rows at once, built once.
+fn insert_many_sql() -> &'static str {
+    static SQL: OnceLock<String> = OnceLock::new();
+    SQL.get_or_init(|| {
+        let mut sql = String::from(
+            "INSERT INTO requests \
+             (ts_us, client, request_id, op, worker_pid, outcome, latency_us) VALUES ",
+        );
+        for i in 0..INSERT_MANY_ROWS {
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push('(');
+            for c in 0..REQUEST_COLUMNS {
+                if c > 0 {
+                    sql.push(',');
+                }
+                sql.push('?');
+            }
+            sql.push(')');
+        }
+        sql
+    })
+}
+
 const INSERT_WORKER: &str = "INSERT INTO workers (pid, started_us) VALUES (?1, ?2)";
 /// Closes the newest open row of this pid: the OS reuses pids over months.
 const UPDATE_WORKER_EXIT: &str = "UPDATE workers SET exited_us = ?2, exit_code = ?3, \
@@ -676,30 +711,24 @@ impl WriterDb {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         if !rows.is_empty() {
-            let mut insert = tx.prepare_cached(INSERT_REQUEST)?;
             let mut client_buf = [0u8; 64];
-            for row in rows {
-                let client = format_client(row.client, &mut client_buf);
-                let lossy;
-                let request_id = match &row.request_id {
-                    None => None,
-                    Some(id) => match id.as_str() {
-                        Some(s) => Some(s),
-                        None => {
-                            lossy = String::from_utf8_lossy(id.as_bytes());
-                            Some(&*lossy)
-                        }
-                    },
-                };
-                insert.execute(params![
-                    row.ts_unix_us,
-                    client.as_ref(),
-                    request_id,
-                    row.op.as_str(),
-                    row.worker_pid,
-                    row.outcome.as_str(),
-                    i64::try_from(row.latency_us).unwrap_or(i64::MAX),
-                ])?;
+            let mut chunks = rows.chunks_exact(INSERT_MANY_ROWS);
+            if chunks.len() > 0 {
+                let mut insert_many = tx.prepare_cached(insert_many_sql())?;
+                for chunk in &mut chunks {
+                    for (i, row) in chunk.iter().enumerate() {
+                        bind_request(&mut insert_many, i * REQUEST_COLUMNS, row, &mut client_buf)?;
+                    }
+                    insert_many.raw_execute()?;
+                }
+            }
+            let rest = chunks.remainder();
+            if !rest.is_empty() {
+                let mut insert = tx.prepare_cached(INSERT_REQUEST)?;
+                for row in rest {
+                    bind_request(&mut insert, 0, row, &mut client_buf)?;
+                    insert.raw_execute()?;
+                }
             }
             request_rows += rows.len() as u64;
         }
@@ -813,6 +842,40 @@ fn trim_aux_tables(tx: &Connection) -> rusqlite::Result<()> {
         "DELETE FROM journal_events WHERE id <= (SELECT max(id) FROM journal_events) - ?1",
     )?
     .execute([MAX_AUX_ROWS])?;
+    Ok(())
+}
+
+/// Binds `row` to the parameters `offset + 1 ..= offset + REQUEST_COLUMNS`
+/// of `stmt`, in the column order of [`INSERT_REQUEST`]. SQLite copies the
+/// text it is given, so `client_buf` can be reused for the next row.
+fn bind_request(
+    stmt: &mut Statement<'_>,
+    offset: usize,
+    row: &RequestRow,
+    client_buf: &mut [u8; 64],
+) -> rusqlite::Result<()> {
+    let client = format_client(row.client, client_buf);
+    let lossy;
+    let request_id = match &row.request_id {
+        None => None,
+        Some(id) => match id.as_str() {
+            Some(s) => Some(s),
+            None => {
+                lossy = String::from_utf8_lossy(id.as_bytes());
+                Some(&*lossy)
+            }
+        },
+    };
+    stmt.raw_bind_parameter(offset + 1, row.ts_unix_us)?;
+    stmt.raw_bind_parameter(offset + 2, client.as_ref())?;
+    stmt.raw_bind_parameter(offset + 3, request_id)?;
+    stmt.raw_bind_parameter(offset + 4, row.op.as_str())?;
+    stmt.raw_bind_parameter(offset + 5, row.worker_pid)?;
+    stmt.raw_bind_parameter(offset + 6, row.outcome.as_str())?;
+    stmt.raw_bind_parameter(
+        offset + 7,
+        i64::try_from(row.latency_us).unwrap_or(i64::MAX),
+    )?;
     Ok(())
 }
 
