@@ -328,8 +328,7 @@ impl Eq for JsonReply<'_> {}
 
 /// Finds which load request a reply datagram answers.
 pub fn match_reply(datagram: &[u8]) -> Matched<'_> {
-    let first = datagram.iter().find(|b| !b.is_ascii_whitespace());
-    if first == Some(&b'{') {
+    if protocol::request::dialect_of(datagram) == protocol::Dialect::Json {
         return match JsonReply::parse(datagram) {
             Some(reply) => match reply.id_u64() {
                 Some(id) => Matched::Json { id, reply },

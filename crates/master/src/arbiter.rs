@@ -199,8 +199,8 @@ impl Arbiter {
             let now = Instant::now();
             self.reap_workers(now)?;
             self.check_timeouts(now);
-            self.check_boot(now)?;
-            self.manage_workers(now)?;
+            self.check_phase_deadlines(now)?;
+            self.manage_workers(now);
             self.flush_requests();
             self.responder.send();
             self.ledger.flush_journal();
@@ -265,26 +265,7 @@ impl Arbiter {
                 if protocol::request::may_be_stats(d.payload) {
                     if let Some(p) = protocol::parse(d.payload) {
                         if p.request == Ok(Request::Stats) {
-                            let body = stats_json(self, now);
-                            self.responder.ensure_room();
-                            protocol::reply::write_json_ok(
-                                Op::Stats,
-                                &body,
-                                p.id,
-                                self.responder.batch.next_buf(),
-                            );
-                            self.responder.batch.commit(d.from);
-                            let id = p.id.unwrap_or("").as_bytes();
-                            self.ledger.record(
-                                d.from,
-                                now,
-                                now_us,
-                                Op::Stats,
-                                None,
-                                Outcome::Ok,
-                                id,
-                                now,
-                            );
+                            self.answer_stats(d.from, p.id, now, now_us);
                             continue;
                         }
                     }
@@ -310,34 +291,42 @@ impl Arbiter {
                     redispatched: false,
                 };
                 self.next_seq += 1;
-                let mut req = dispatch(&mut self.slots, &mut self.rr, self.cfg.max_inflight, req);
-                // Completions not yet read make workers look fuller than
-                // they are: read them before calling anyone busy.
-                if req.is_err() {
-                    for i in 0..self.slots.len() {
-                        self.read_completions(i, false);
-                    }
-                    req = req.or_else(|r| {
-                        dispatch(&mut self.slots, &mut self.rr, self.cfg.max_inflight, r)
-                    });
-                }
-                // A retired worker's replacement can start right now
-                // (`--max-requests 1` retires one per request).
-                if req.is_err() && self.spawn_allowed(now) && self.spawn_one().is_ok() {
-                    self.ledger.totals.restarts += 1;
-                    req = req.or_else(|r| {
-                        dispatch(&mut self.slots, &mut self.rr, self.cfg.max_inflight, r)
-                    });
-                }
-                if let Err(req) = req {
-                    let msg = "every worker is full; try again shortly";
-                    self.ledger
-                        .fail(&mut self.responder, req, ErrorCode::Busy, msg, now);
-                }
+                self.place(req, now);
             }
             if got < RECV_BATCH {
                 return;
             }
+        }
+    }
+
+    /// `stats`: answered by the master at once, never queued behind work.
+    fn answer_stats(&mut self, to: SocketAddr, id: Option<&str>, now: Instant, now_us: i64) {
+        let body = stats_json(self, now);
+        self.responder.ensure_room();
+        protocol::reply::write_json_ok(Op::Stats, &body, id, self.responder.batch.next_buf());
+        self.responder.batch.commit(to);
+        let id = id.unwrap_or("").as_bytes();
+        self.ledger
+            .record(to, now, now_us, Op::Stats, None, Outcome::Ok, id, now);
+    }
+
+    /// Hands `req` to a worker. When none can take it, first brings the
+    /// books and the pool up to date (completions not yet read make workers
+    /// look fuller than they are; a worker retired by `--max-requests`
+    /// leaves the pool short until `manage_workers` runs), then tries once
+    /// more before answering `busy`.
+    fn place(&mut self, req: InFlight, now: Instant) {
+        let Err(req) = dispatch(&mut self.slots, &mut self.rr, self.cfg.max_inflight, req) else {
+            return;
+        };
+        for i in 0..self.slots.len() {
+            self.read_completions(i, false);
+        }
+        self.manage_workers(now);
+        if let Err(req) = dispatch(&mut self.slots, &mut self.rr, self.cfg.max_inflight, req) {
+            let msg = "every worker is full; try again shortly";
+            self.ledger
+                .fail(&mut self.responder, req, ErrorCode::Busy, msg, now);
         }
     }
 
@@ -453,7 +442,7 @@ impl Arbiter {
 
     /// Ends the boot phase once every initial worker is ready, or fails the
     /// start if they are not ready in time; ends the drain at its deadline.
-    fn check_boot(&mut self, now: Instant) -> anyhow::Result<()> {
+    fn check_phase_deadlines(&mut self, now: Instant) -> anyhow::Result<()> {
         match self.phase {
             Phase::Booting { deadline } => {
                 if self.slots.iter().all(|s| s.state == SlotState::Ready) {
@@ -484,16 +473,15 @@ impl Arbiter {
 
     /// Starts workers until the pool has its size, unless stopping or
     /// backing off after a crash loop.
-    fn manage_workers(&mut self, now: Instant) -> anyhow::Result<()> {
+    fn manage_workers(&mut self, now: Instant) {
         while self.spawn_allowed(now) {
-            self.ledger.totals.restarts += 1;
             if let Err(e) = self.spawn_one() {
                 log::error!("cannot start a worker: {e:#}");
                 self.note_early_death(now);
                 break;
             }
+            self.ledger.totals.restarts += 1;
         }
-        Ok(())
     }
 
     /// Writes queued frames to every worker whose request pipe has room.

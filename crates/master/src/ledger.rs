@@ -5,7 +5,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
 use std::time::Instant;
 
-use protocol::{Dialect, ErrorCode, Op, Outcome};
+use protocol::{ErrorCode, Op, Outcome};
 use worker::batch::ReplyBatch;
 
 use crate::journal::{Journal, RequestId, RequestRow};
@@ -192,8 +192,7 @@ impl Responder {
     /// Queues a `too_large` reply for a datagram cut at `--max-datagram`:
     /// its id cannot be trusted, so none is echoed.
     pub fn too_large(&mut self, first_bytes: &[u8], client: SocketAddr, limit: usize) {
-        let json = first_bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-        let dialect = if json { Dialect::Json } else { Dialect::Text };
+        let dialect = protocol::request::dialect_of(first_bytes);
         let msg = format!("datagram is over the limit of {limit} bytes (--max-datagram)");
         self.ensure_room();
         protocol::write_error(

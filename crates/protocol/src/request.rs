@@ -104,12 +104,20 @@ pub fn parse(datagram: &[u8]) -> Option<Parsed<'_>> {
     if datagram.is_empty() {
         return None;
     }
-    let first = datagram.iter().find(|b| !b.is_ascii_whitespace());
-    Some(if first == Some(&b'{') {
-        parse_json(datagram)
-    } else {
-        parse_text(datagram)
+    Some(match dialect_of(datagram) {
+        Dialect::Json => parse_json(datagram),
+        Dialect::Text => parse_text(datagram),
     })
+}
+
+/// The dialect of a datagram, from its first non-blank byte: `{` is JSON,
+/// anything else text. Works on any prefix of the datagram, so a datagram
+/// cut at `--max-datagram` still gets its error in its own dialect.
+pub fn dialect_of(datagram: &[u8]) -> Dialect {
+    match datagram.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => Dialect::Json,
+        _ => Dialect::Text,
+    }
 }
 
 /// Whether a datagram may be a `stats` request: a cheap byte scan that lets
