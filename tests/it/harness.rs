@@ -25,7 +25,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -229,9 +229,21 @@ impl Server {
         server
     }
 
+    /// [`Server::start`], with `prepare` applied to the command first (a
+    /// signal disposition, say).
+    pub fn start_with(args: &[&str], prepare: impl FnOnce(&mut Command)) -> Server {
+        let mut server = Server::launch_with(args, prepare);
+        server.wait_listening();
+        server
+    }
+
     /// Starts `master` like [`Server::start`] but does not wait for it to
     /// serve (for masters that are expected to fail).
     pub fn launch(args: &[&str]) -> Server {
+        Server::launch_with(args, |_| {})
+    }
+
+    fn launch_with(args: &[&str], prepare: impl FnOnce(&mut Command)) -> Server {
         let dir = TempDir::new().expect("temp dir");
         let log_path = dir.path().join("master.log");
         let log = File::create(&log_path).expect("log file");
@@ -254,6 +266,7 @@ impl Server {
             .stderr(log)
             // Its own group: Drop kills the master and every worker at once.
             .process_group(0);
+        prepare(&mut cmd);
         let command = format!("{} {}", master.display(), full.join(" "));
         let child = cmd
             .spawn()
@@ -688,6 +701,9 @@ pub struct Load {
     pub deadline: Duration,
     /// Counts requests answered so far, for a test that acts mid-stream.
     pub progress: Option<Arc<AtomicUsize>>,
+    /// Once set, no new request is sent, and the stream ends when every
+    /// request sent is answered or given up (a test that stopped the server).
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 impl Default for Load {
@@ -699,6 +715,7 @@ impl Default for Load {
             pace: None,
             deadline: Duration::from_secs(60),
             progress: None,
+            stop: None,
         }
     }
 }
@@ -848,8 +865,15 @@ impl Client {
             .set_read_timeout(Some(Duration::from_millis(2)))
             .expect("set_read_timeout");
         while settled < n && started.elapsed() < load.deadline {
+            let stopped = load
+                .stop
+                .as_ref()
+                .is_some_and(|f| f.load(Ordering::Relaxed));
+            if stopped && outstanding == 0 {
+                break;
+            }
             // Fill the window.
-            while next < n && outstanding < load.window {
+            while !stopped && next < n && outstanding < load.window {
                 if let Some(pace) = load.pace {
                     if started.elapsed() < pace * next as u32 {
                         break;

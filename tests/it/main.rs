@@ -11,9 +11,12 @@
 //! * [`lifecycle`]: signals (TERM, KILL of the master, HUP, TTIN/TTOU) and
 //!   `--max-requests`.
 //! * [`journal`]: the SQLite journal and `master report`.
+//! * [`one_reply`]: exactly one reply per request on every stop path and
+//!   timeout; signals as documented; a loop that never stalls.
 
 mod faults;
 mod harness;
 mod journal;
 mod lifecycle;
+mod one_reply;
 mod serve;

@@ -41,6 +41,8 @@ const CRASH_INTENSITY: usize = 5;
 const CRASH_WINDOW: Duration = Duration::from_secs(10);
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
+/// How long workers sent `QUIT` (stop at once) have before `KILL`.
+const QUIT_GRACE: Duration = Duration::from_secs(1);
 
 /// Everything the arbiter is configured with.
 #[derive(Debug, Clone)]
@@ -81,6 +83,11 @@ enum Phase {
     Running,
     /// TERM/INT: no new datagrams; workers answer what they hold, then exit.
     Draining { deadline: Instant },
+    /// QUIT, a second TERM/INT, or the graceful timeout: workers were sent
+    /// `QUIT` (stop after the batch in progress) and get `KILL` at
+    /// `kill_at`; what they held is answered `shutting_down` as each one is
+    /// reaped and its completions read.
+    Stopping { kill_at: Instant },
     /// Every worker is gone: leave the loop.
     Stopped,
 }
@@ -95,6 +102,10 @@ pub struct Arbiter {
     responder: Responder,
     ledger: Ledger,
     slots: Vec<WorkerSlot>,
+    /// Requests taken back from a worker that stopped without answering
+    /// them, waiting for the dispatch step; each with the error it gets if
+    /// no worker can take it.
+    backlog: VecDeque<(InFlight, ErrorCode)>,
     /// The pool size asked for (changed by TTIN/TTOU).
     target: usize,
     next_serial: u64,
@@ -148,6 +159,7 @@ impl Arbiter {
             responder: Responder::new(socket),
             ledger: Ledger::new(journal),
             slots: Vec::new(),
+            backlog: VecDeque::new(),
             target: cfg.workers,
             next_serial: 0,
             next_seq: 0,
@@ -201,6 +213,7 @@ impl Arbiter {
             self.check_timeouts(now);
             self.check_phase_deadlines(now)?;
             self.manage_workers(now);
+            self.dispatch_backlog(now);
             self.flush_requests();
             self.responder.send();
             self.ledger.flush_journal();
@@ -287,6 +300,7 @@ impl Arbiter {
                     client: d.from,
                     received: now,
                     received_unix_us: now_us,
+                    dispatched: now,
                     payload: self.ledger.keep_payload(d.payload),
                     redispatched: false,
                 };
@@ -316,14 +330,26 @@ impl Arbiter {
     /// leaves the pool short until `manage_workers` runs), then tries once
     /// more before answering `busy`.
     fn place(&mut self, req: InFlight, now: Instant) {
-        let Err(req) = dispatch(&mut self.slots, &mut self.rr, self.cfg.max_inflight, req) else {
+        let Err(req) = dispatch(
+            &mut self.slots,
+            &mut self.rr,
+            self.cfg.max_inflight,
+            req,
+            now,
+        ) else {
             return;
         };
         for i in 0..self.slots.len() {
             self.read_completions(i, false);
         }
         self.manage_workers(now);
-        if let Err(req) = dispatch(&mut self.slots, &mut self.rr, self.cfg.max_inflight, req) {
+        if let Err(req) = dispatch(
+            &mut self.slots,
+            &mut self.rr,
+            self.cfg.max_inflight,
+            req,
+            now,
+        ) {
             let msg = "every worker is full; try again shortly";
             self.ledger
                 .fail(&mut self.responder, req, ErrorCode::Busy, msg, now);
@@ -336,7 +362,7 @@ impl Arbiter {
             match sig {
                 Signal::SIGCHLD => self.reap_due = true,
                 Signal::SIGTERM | Signal::SIGINT => match self.phase {
-                    Phase::Draining { .. } => {
+                    Phase::Draining { .. } | Phase::Stopping { .. } => {
                         log::warn!("{sig} again: stopping at once");
                         self.stop_now();
                     }
@@ -348,8 +374,15 @@ impl Arbiter {
                 }
                 Signal::SIGHUP => self.reload(),
                 Signal::SIGTTIN if self.accepting() && self.cfg.workers > 0 => {
-                    self.target += 1;
-                    log::info!("SIGTTIN: pool size {}", self.target);
+                    if self.target >= usize::from(crate::cli::MAX_WORKERS) {
+                        log::info!(
+                            "SIGTTIN ignored: the pool is at its maximum of {} workers",
+                            crate::cli::MAX_WORKERS
+                        );
+                    } else {
+                        self.target += 1;
+                        log::info!("SIGTTIN: pool size {}", self.target);
+                    }
                 }
                 Signal::SIGTTOU if self.accepting() && self.cfg.workers > 0 => {
                     if self.target <= 1 {
@@ -404,39 +437,33 @@ impl Arbiter {
         }
     }
 
-    /// Kills every worker whose oldest request is older than the request
-    /// timeout, and answers its requests with `timeout`.
+    /// Kills every worker whose oldest request has waited at it longer than
+    /// the request timeout. Nothing is answered yet: once the worker is
+    /// reaped and its completions read, that request gets `timeout` and the
+    /// ones queued behind it go to other workers ([`Arbiter::settle_exit`]).
     fn check_timeouts(&mut self, now: Instant) {
-        for i in 0..self.slots.len() {
-            let slot = &mut self.slots[i];
+        for slot in &mut self.slots {
             let expired = matches!(
                 slot.state,
                 SlotState::Booting | SlotState::Ready | SlotState::Retiring(_)
             ) && slot
                 .inflight
                 .front()
-                .is_some_and(|r| now.duration_since(r.received) >= self.cfg.request_timeout);
+                .is_some_and(|r| now.duration_since(r.dispatched) >= self.cfg.request_timeout);
             if !expired {
                 continue;
             }
             log::warn!(
-                "worker {} holds a request older than {} ms: killing it ({} requests get `timeout`)",
+                "worker {} holds a request older than {} ms: killing it ({} more queued behind it go to other workers)",
                 slot.pid,
                 self.cfg.request_timeout.as_millis(),
-                slot.inflight.len()
+                slot.inflight.len() - 1
             );
             let _ = kill(slot.pid, Signal::SIGKILL);
             slot.state = SlotState::Killed(ExitReason::TimeoutKill);
+            slot.timed_out = slot.inflight.front().map(|r| r.seq);
             close_requests(slot);
             self.ledger.totals.timeouts += 1;
-            let msg = format!(
-                "no answer within {} ms",
-                self.cfg.request_timeout.as_millis()
-            );
-            while let Some(req) = self.slots[i].inflight.pop_front() {
-                self.ledger
-                    .fail(&mut self.responder, req, ErrorCode::Timeout, &msg, now);
-            }
         }
     }
 
@@ -460,10 +487,26 @@ impl Arbiter {
                     self.phase = Phase::Stopped;
                 } else if now >= deadline {
                     log::warn!(
-                        "graceful timeout: killing {} workers that are still busy",
+                        "graceful timeout: stopping {} workers that are still busy",
                         self.slots.len()
                     );
                     self.stop_now();
+                }
+            }
+            Phase::Stopping { kill_at } => {
+                if self.slots.is_empty() {
+                    self.phase = Phase::Stopped;
+                } else if now >= kill_at {
+                    log::warn!(
+                        "killing {} workers that did not stop on SIGQUIT",
+                        self.slots.len()
+                    );
+                    for slot in &self.slots {
+                        let _ = kill(slot.pid, Signal::SIGKILL);
+                    }
+                    self.phase = Phase::Stopping {
+                        kill_at: now + QUIT_GRACE,
+                    };
                 }
             }
             Phase::Running | Phase::Stopped => {}
@@ -481,6 +524,39 @@ impl Arbiter {
                 break;
             }
             self.ledger.totals.restarts += 1;
+        }
+    }
+
+    /// Hands the requests taken back from stopped workers to live ones (a
+    /// replacement started by `manage_workers` takes them as it boots); one
+    /// that no worker can take gets its error, and while stopping every one
+    /// gets `shutting_down`.
+    fn dispatch_backlog(&mut self, now: Instant) {
+        while let Some((req, code)) = self.backlog.pop_front() {
+            if !self.accepting() {
+                let msg = "the server is stopping";
+                self.ledger
+                    .fail(&mut self.responder, req, ErrorCode::ShuttingDown, msg, now);
+                continue;
+            }
+            match dispatch(
+                &mut self.slots,
+                &mut self.rr,
+                self.cfg.max_inflight,
+                req,
+                now,
+            ) {
+                Ok(()) => self.ledger.totals.redispatched += 1,
+                Err(req) => {
+                    let msg = match code {
+                        ErrorCode::WorkerCrashed => {
+                            "the worker answering this request died and no other worker is free"
+                        }
+                        _ => "every worker is full; try again shortly",
+                    };
+                    self.ledger.fail(&mut self.responder, req, code, msg, now);
+                }
+            }
         }
     }
 
@@ -577,6 +653,7 @@ impl Arbiter {
             dispatched: 0,
             served: 0,
             request_limit,
+            timed_out: None,
         });
         Ok(())
     }
@@ -597,6 +674,7 @@ impl Arbiter {
     fn read_completions(&mut self, i: usize, to_end: bool) {
         let now = Instant::now();
         let mut became_ready = 0;
+        let mut stopping = false;
         let slot = &mut self.slots[i];
         let pid = slot.pid.as_raw() as u32;
         while let Some(fd) = slot.completions.as_ref() {
@@ -627,6 +705,10 @@ impl Arbiter {
                             became_ready += 1;
                             log::debug!("worker {pid} ready");
                         }
+                    }
+                    Ok(Some(ToMaster::Stopping { .. })) => {
+                        log::info!("worker {pid} got SIGTERM: retiring it once it has answered what it holds");
+                        stopping = true;
                     }
                     Ok(Some(ToMaster::Done {
                         seq,
@@ -663,6 +745,9 @@ impl Arbiter {
             if !to_end {
                 break;
             }
+        }
+        if stopping {
+            self.retire(i, ExitReason::Terminated);
         }
         // A new worker is up: a worker that SIGHUP asked to replace may go.
         for _ in 0..became_ready {
@@ -705,38 +790,54 @@ impl Arbiter {
             );
         }
         let held = slot.inflight.len();
-        if matches!(reason, ExitReason::Crash | ExitReason::BootFailure) {
+        let crashed = matches!(reason, ExitReason::Crash | ExitReason::BootFailure);
+        if crashed {
             self.ledger.totals.crashes += 1;
             if slot.served == 0 {
                 self.note_early_death(now);
             }
-            let mut again = 0;
-            while let Some(mut req) = slot.inflight.pop_front() {
-                if req.redispatched || !self.accepting() {
-                    let msg = "the worker answering this request died";
+        }
+        // Every completion the worker wrote has been read (it is reaped and
+        // its pipe read to the end), so each request left here got no reply
+        // from it: answering it now can never answer it twice.
+        let mut again = 0;
+        while let Some(mut req) = slot.inflight.pop_front() {
+            let (code, msg) = match reason {
+                ExitReason::TimeoutKill if slot.timed_out == Some(req.seq) => {
+                    let msg = format!(
+                        "no answer within {} ms",
+                        self.cfg.request_timeout.as_millis()
+                    );
                     self.ledger
-                        .fail(&mut self.responder, req, ErrorCode::WorkerCrashed, msg, now);
+                        .fail(&mut self.responder, req, ErrorCode::Timeout, &msg, now);
                     continue;
                 }
-                req.redispatched = true;
-                match dispatch(&mut self.slots, &mut self.rr, self.cfg.max_inflight, req) {
-                    Ok(()) => again += 1,
-                    Err(req) => {
-                        let msg =
-                            "the worker answering this request died and no other worker is free";
-                        self.ledger.fail(
-                            &mut self.responder,
-                            req,
-                            ErrorCode::WorkerCrashed,
-                            msg,
-                            now,
-                        );
-                    }
+                ExitReason::Stop if matches!(slot.state, SlotState::Killed(_)) => {
+                    (ErrorCode::ShuttingDown, "the server is stopping")
                 }
-            }
-            self.ledger.totals.redispatched += again;
+                _ if crashed && req.redispatched => (
+                    ErrorCode::WorkerCrashed,
+                    "the worker answering this request died",
+                ),
+                // Queued behind a hung request, or held by a worker that
+                // stopped: it did nothing wrong, another worker answers it.
+                _ => {
+                    req.redispatched |= crashed;
+                    let code = if crashed {
+                        ErrorCode::WorkerCrashed
+                    } else {
+                        ErrorCode::Busy
+                    };
+                    self.backlog.push_back((req, code));
+                    again += 1;
+                    continue;
+                }
+            };
+            self.ledger.fail(&mut self.responder, req, code, msg, now);
+        }
+        if crashed {
             log::warn!(
-                "worker {} {} ({}, served {}): {} requests re-dispatched, {} failed",
+                "worker {} {} ({}, served {}): {} requests to re-dispatch, {} failed",
                 slot.pid,
                 if reason == ExitReason::BootFailure {
                     "failed to boot"
@@ -746,22 +847,21 @@ impl Arbiter {
                 status,
                 slot.served,
                 again,
-                held as u64 - again
+                held - again
             );
         } else {
             log::info!(
-                "worker {} exited: {} ({}, served {})",
+                "worker {} exited: {} ({}, served {}{})",
                 slot.pid,
                 status,
                 reason.as_str(),
-                slot.served
+                slot.served,
+                if held > 0 {
+                    format!(", {again} requests to re-dispatch")
+                } else {
+                    String::new()
+                }
             );
-            // A clean exit answers everything; anything left is settled anyway.
-            while let Some(req) = slot.inflight.pop_front() {
-                let msg = "the worker stopped before answering";
-                self.ledger
-                    .fail(&mut self.responder, req, ErrorCode::WorkerCrashed, msg, now);
-            }
         }
         Ok(())
     }
@@ -869,46 +969,46 @@ impl Arbiter {
         }
     }
 
-    /// Kills every worker, answers what they held with `shutting_down`,
-    /// reaps them, and ends the loop.
+    /// QUIT, a second TERM/INT, or the graceful timeout: stop reading,
+    /// close every request pipe, and send every worker `QUIT` (it finishes
+    /// the batch of replies in progress, abandons the rest and exits). What
+    /// each one held is answered as it is reaped; a worker still alive at
+    /// the deadline gets `KILL`. Asked again while stopping: `KILL` now.
     fn stop_now(&mut self) {
         let now = Instant::now();
+        if matches!(self.phase, Phase::Stopping { .. }) {
+            for slot in &self.slots {
+                let _ = kill(slot.pid, Signal::SIGKILL);
+            }
+            return;
+        }
+        if matches!(self.phase, Phase::Running) {
+            let _ = self.epoll.delete(self.responder.socket.as_fd());
+        }
+        self.phase = Phase::Stopping {
+            kill_at: now + QUIT_GRACE,
+        };
         for slot in &mut self.slots {
-            let _ = kill(slot.pid, Signal::SIGKILL);
+            close_requests(slot);
             if !matches!(slot.state, SlotState::Killed(_)) {
                 slot.state = SlotState::Killed(ExitReason::Stop);
+                let _ = kill(slot.pid, Signal::SIGQUIT);
             }
         }
-        for i in 0..self.slots.len() {
-            while let Some(req) = self.slots[i].inflight.pop_front() {
-                let msg = "the server is stopping";
-                self.ledger
-                    .fail(&mut self.responder, req, ErrorCode::ShuttingDown, msg, now);
-            }
+        if self.slots.is_empty() {
+            self.phase = Phase::Stopped;
         }
-        for slot in std::mem::take(&mut self.slots) {
-            let (code, signal) = waitpid(slot.pid, None)
-                .ok()
-                .and_then(exit_of)
-                .map_or((None, None), |(_, c, s)| (c, s));
-            if let SlotState::Killed(reason) = slot.state {
-                self.journal_exit(&slot, code, signal, reason);
-            }
-            log::info!(
-                "worker {} exited: {}",
-                slot.pid,
-                journal::exit_status_text(code, signal)
-            );
-        }
-        self.phase = Phase::Stopped;
     }
 
     /// How long `epoll_wait` may sleep: until the nearest deadline, at most 1 s.
     fn next_wakeup(&self, now: Instant) -> u16 {
         let mut until = now + Duration::from_secs(1);
         for slot in &self.slots {
+            if matches!(slot.state, SlotState::Killed(_)) {
+                continue; // settled when reaped, not timed
+            }
             if let Some(r) = slot.inflight.front() {
-                until = until.min(r.received + self.cfg.request_timeout);
+                until = until.min(r.dispatched + self.cfg.request_timeout);
             }
         }
         if let Some(t) = self.next_spawn_at {
@@ -918,6 +1018,7 @@ impl Arbiter {
             Phase::Booting { deadline } | Phase::Draining { deadline } => {
                 until = until.min(deadline)
             }
+            Phase::Stopping { kill_at } => until = until.min(kill_at),
             Phase::Running | Phase::Stopped => {}
         }
         // Round up so that a deadline is past when the loop wakes.
@@ -957,7 +1058,8 @@ fn dispatch(
     slots: &mut [WorkerSlot],
     rr: &mut usize,
     max_inflight: usize,
-    req: InFlight,
+    mut req: InFlight,
+    now: Instant,
 ) -> Result<(), InFlight> {
     let n = slots.len();
     let mut best: Option<usize> = None;
@@ -972,6 +1074,7 @@ fn dispatch(
     let Some(i) = best else { return Err(req) };
     *rr = i + 1;
     let slot = &mut slots[i];
+    req.dispatched = now;
     frame::encode_request(req.seq, req.client, &req.payload, &mut slot.outbox);
     slot.inflight.push_back(req);
     slot.dispatched += 1;
@@ -1038,17 +1141,25 @@ fn answer_inline(
         );
         return;
     };
-    // Inline there is no process to lose: fault injection never aborts the master.
-    if worker::blocks(&parsed, false) {
-        responder.send();
-        worker::perform_effect(&parsed, false);
-    }
     responder.ensure_room();
     let ctx = ReplyContext {
         worker_pid: pid,
         client,
     };
-    let outcome = protocol::write_reply(&parsed, &ctx, responder.batch.next_buf());
+    // Inline there is no process to lose or to stall: `crash` never aborts
+    // the master (write_reply answers it `disabled`), and neither does
+    // `sleep` block its loop.
+    let outcome = match parsed.request {
+        Ok(Request::Sleep { ms }) if ms > 0 => protocol::write_error(
+            parsed.dialect,
+            parsed.id,
+            ErrorCode::Disabled,
+            "op sleep would stall the master: it needs a worker pool (--workers 1 or more)",
+            Some(pid),
+            responder.batch.next_buf(),
+        ),
+        _ => protocol::write_reply(&parsed, &ctx, responder.batch.next_buf()),
+    };
     responder.batch.commit(client);
     let id = parsed.id.unwrap_or("").as_bytes();
     ledger.record(

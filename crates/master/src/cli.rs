@@ -21,6 +21,9 @@ pub struct Cli {
     pub serve: ServeArgs,
 }
 
+/// The largest pool `--workers` and `TTIN` may make.
+pub const MAX_WORKERS: u16 = 512;
+
 /// Subcommands of `master`.
 #[derive(Subcommand, Debug)]
 pub enum Command {
@@ -36,7 +39,7 @@ pub struct ServeArgs {
     pub bind: SocketAddr,
 
     /// Worker processes in the pool; 0 answers inline in the master (no pool).
-    #[arg(long, default_value_t = 4, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=512))]
+    #[arg(long, default_value_t = 4, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=MAX_WORKERS as i64))]
     pub workers: u16,
 
     /// The worker executable [default: `worker` next to this `master`].

@@ -267,6 +267,9 @@ pub enum ExitReason {
     Scaled,
     /// Stopped because the master shut down.
     Stop,
+    /// It got SIGTERM from outside the master, answered what it held and
+    /// exited; the master replaced it.
+    Terminated,
     /// It failed before becoming ready.
     BootFailure,
 }
@@ -281,6 +284,7 @@ impl ExitReason {
             ExitReason::Reload => "reload",
             ExitReason::Scaled => "scaled_down",
             ExitReason::Stop => "stop",
+            ExitReason::Terminated => "terminated",
             ExitReason::BootFailure => "boot_failure",
         }
     }

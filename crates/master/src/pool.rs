@@ -22,6 +22,10 @@ pub struct InFlight {
     pub received: Instant,
     /// The same moment as wall-clock microseconds, for the journal.
     pub received_unix_us: i64,
+    /// When it was handed to its current worker: the request timeout runs
+    /// from here, so a request re-dispatched after its worker was killed
+    /// gets a whole timeout at the next one.
+    pub dispatched: Instant,
     /// The datagram, kept so it can be re-dispatched if the worker dies.
     pub payload: Vec<u8>,
     /// Already re-dispatched once after a crash: a second crash fails it.
@@ -40,7 +44,10 @@ pub enum SlotState {
     /// bytes already queued for it are written), so it exits after
     /// answering what it holds.
     Retiring(ExitReason),
-    /// Sent SIGKILL; its requests are already answered.
+    /// Sent a stop signal (`QUIT`, then `KILL`; or `KILL` at once for a
+    /// timeout). It takes no work; what it holds is settled when it has been
+    /// reaped and its completion pipe read to the end, so that a request it
+    /// answered is never answered again.
     Killed(ExitReason),
 }
 
@@ -76,6 +83,8 @@ pub struct WorkerSlot {
     pub served: u64,
     /// Retire after this many requests (0: never).
     pub request_limit: u64,
+    /// The request it was killed for holding past `--request-timeout-ms`.
+    pub timed_out: Option<u64>,
 }
 
 impl WorkerSlot {

@@ -3,7 +3,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd};
 
-use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 /// The signals the master acts on.
@@ -23,15 +23,22 @@ pub struct Signals {
 }
 
 impl Signals {
-    /// Blocks [`HANDLED`] for this thread (and the threads it starts later)
-    /// and opens a non-blocking signalfd for them. Children get an empty
-    /// mask back: `std::process::Command` resets it before exec.
+    /// Resets [`HANDLED`] to their default dispositions (a supervisor or a
+    /// shell may have started the master with some ignored: an ignored
+    /// SIGCHLD would make the kernel reap workers behind the master's back,
+    /// and an ignored signal never reaches a signalfd), blocks them for this
+    /// thread (and the threads it starts later) and opens a non-blocking
+    /// signalfd for them. Workers get an empty mask back: `spawn` clears it
+    /// between fork and exec.
     ///
     /// # Errors
-    /// When the mask or the signalfd cannot be set up.
+    /// When a disposition, the mask or the signalfd cannot be set up.
     pub fn install() -> nix::Result<Signals> {
         let mut mask = SigSet::empty();
         for sig in HANDLED {
+            let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+            // SAFETY: SIG_DFL installs no handler code.
+            unsafe { nix::sys::signal::sigaction(sig, &default) }?;
             mask.add(sig);
         }
         nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)?;

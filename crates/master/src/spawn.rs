@@ -51,10 +51,18 @@ pub fn spawn_worker(
     cmd.env(handoff::ENV, handoff.to_string())
         .stdin(Stdio::null());
     // SAFETY: the closure runs between fork and exec and calls only
-    // fcntl(2) and prctl(2), which are async-signal-safe system calls; it
+    // fcntl(2), sigprocmask(2) (on a set built on the stack with
+    // sigemptyset(3)) and prctl(2), which are async-signal-safe; it
     // allocates nothing and touches only the copied integers above.
     unsafe {
         cmd.pre_exec(move || {
+            // The master blocks the signals its signalfd reads; a worker
+            // starts with none blocked.
+            let mut empty = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+            libc::sigemptyset(empty.as_mut_ptr());
+            if libc::sigprocmask(libc::SIG_SETMASK, empty.as_ptr(), std::ptr::null_mut()) == -1 {
+                return Err(io::Error::last_os_error());
+            }
             for fd in inherited {
                 if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
                     return Err(io::Error::last_os_error());

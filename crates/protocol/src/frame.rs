@@ -10,6 +10,8 @@
 //! worker -> master (completion pipe)
 //!   kind 2 READY    pid:u32
 //!   kind 3 DONE     seq:u64 op:u8 outcome:u8 id:rest (raw JSON id text, may be empty)
+//!   kind 4 STOPPING pid:u32 (got SIGTERM: it answers what it holds and
+//!                   exits once the master closes its request pipe)
 //! ```
 //!
 //! Several frames travel in one pipe write. [`FrameBuf`] accumulates what a
@@ -30,6 +32,7 @@ pub const MAX_DONE_ID: usize = 128;
 const KIND_REQUEST: u8 = 1;
 const KIND_READY: u8 = 2;
 const KIND_DONE: u8 = 3;
+const KIND_STOPPING: u8 = 4;
 
 /// A pipe stream that does not follow the framing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -67,6 +70,12 @@ pub enum ToWorker<'a> {
 pub enum ToMaster<'a> {
     /// The worker has started and is reading requests.
     Ready {
+        /// The worker's own PID.
+        pid: u32,
+    },
+    /// The worker got SIGTERM: it wants no new work, answers what it holds,
+    /// and exits once its request pipe is closed.
+    Stopping {
         /// The worker's own PID.
         pid: u32,
     },
@@ -113,8 +122,17 @@ pub fn encode_request(seq: u64, client: SocketAddr, payload: &[u8], out: &mut Ve
 
 /// Appends a READY frame to `out`.
 pub fn encode_ready(pid: u32, out: &mut Vec<u8>) {
+    encode_pid_frame(KIND_READY, pid, out);
+}
+
+/// Appends a STOPPING frame to `out`.
+pub fn encode_stopping(pid: u32, out: &mut Vec<u8>) {
+    encode_pid_frame(KIND_STOPPING, pid, out);
+}
+
+fn encode_pid_frame(kind: u8, pid: u32, out: &mut Vec<u8>) {
     out.extend_from_slice(&5u32.to_be_bytes());
-    out.push(KIND_READY);
+    out.push(kind);
     out.extend_from_slice(&pid.to_be_bytes());
 }
 
@@ -220,13 +238,22 @@ pub fn decode_to_master(buf: &[u8]) -> Result<Option<(ToMaster<'_>, usize)>, Fra
         return Ok(None);
     };
     let frame = match kind {
-        KIND_READY => {
-            let mut f = Fields(body, "ready");
+        KIND_READY | KIND_STOPPING => {
+            let name = if kind == KIND_READY {
+                "ready"
+            } else {
+                "stopping"
+            };
+            let mut f = Fields(body, name);
             let pid = u32::from_be_bytes(f.array()?);
             if !f.0.is_empty() {
-                return Err(FrameError::Malformed("ready"));
+                return Err(FrameError::Malformed(name));
             }
-            ToMaster::Ready { pid }
+            if kind == KIND_READY {
+                ToMaster::Ready { pid }
+            } else {
+                ToMaster::Stopping { pid }
+            }
         }
         KIND_DONE => {
             let mut f = Fields(body, "done");
@@ -382,9 +409,12 @@ mod tests {
             b"\"x\"",
             &mut wire,
         );
+        encode_stopping(43, &mut wire);
         let (f1, used) = decode_to_master(&wire).unwrap().unwrap();
         assert_eq!(f1, ToMaster::Ready { pid: 42 });
-        let (f2, _) = decode_to_master(&wire[used..]).unwrap().unwrap();
+        let (f2, used2) = decode_to_master(&wire[used..]).unwrap().unwrap();
+        let (f3, _) = decode_to_master(&wire[used + used2..]).unwrap().unwrap();
+        assert_eq!(f3, ToMaster::Stopping { pid: 43 });
         assert_eq!(
             f2,
             ToMaster::Done {

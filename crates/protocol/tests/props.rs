@@ -20,8 +20,8 @@ use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 use protocol::frame::{
-    decode_to_master, decode_to_worker, encode_done, encode_ready, encode_request, FrameBuf,
-    FrameError, ToMaster, ToWorker, MAX_DONE_ID,
+    decode_to_master, decode_to_worker, encode_done, encode_ready, encode_request, encode_stopping,
+    FrameBuf, FrameError, ToMaster, ToWorker, MAX_DONE_ID,
 };
 use protocol::request::{may_be_stats, peek_id};
 use protocol::{
@@ -708,6 +708,7 @@ struct RequestFrame {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum MasterFrame {
     Ready(u32),
+    Stopping(u32),
     Done(u64, Op, Outcome, Vec<u8>),
 }
 
@@ -730,6 +731,7 @@ fn request_frame() -> impl Strategy<Value = RequestFrame> {
 fn master_frame() -> impl Strategy<Value = MasterFrame> {
     prop_oneof![
         any::<u32>().prop_map(MasterFrame::Ready),
+        any::<u32>().prop_map(MasterFrame::Stopping),
         (
             any::<u64>(),
             select(Op::ALL.to_vec()),
@@ -757,6 +759,7 @@ fn encode_master(frames: &[MasterFrame]) -> (Vec<u8>, Vec<usize>) {
     for f in frames {
         match f {
             MasterFrame::Ready(pid) => encode_ready(*pid, &mut wire),
+            MasterFrame::Stopping(pid) => encode_stopping(*pid, &mut wire),
             MasterFrame::Done(seq, op, outcome, id) => {
                 encode_done(*seq, *op, *outcome, id, &mut wire)
             }
@@ -828,6 +831,7 @@ fn take_request(fb: &mut FrameBuf) -> Result<Option<RequestFrame>, FrameError> {
 fn take_master(fb: &mut FrameBuf) -> Result<Option<MasterFrame>, FrameError> {
     Ok(fb.next_to_master()?.map(|f| match f {
         ToMaster::Ready { pid } => MasterFrame::Ready(pid),
+        ToMaster::Stopping { pid } => MasterFrame::Stopping(pid),
         ToMaster::Done {
             seq,
             op,

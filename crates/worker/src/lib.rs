@@ -8,15 +8,18 @@
 //! * [`batch`]: [`batch::ReplyBatch`], replies gathered and sent with one
 //!   `sendmmsg`; the master's inline mode uses it too.
 //! * [`serve`]: the worker's loop.
+//! * [`signals`]: what `TERM` (finish what it holds), `QUIT` (stop after
+//!   the batch in progress) and the terminal's signals mean to a worker.
 //!
 //! A worker stops cleanly when its request pipe reaches end of stream (the
-//! master closed it: retire, reload, shutdown) after answering everything it
-//! read. It dies with its master through `PR_SET_PDEATHSIG`, set by the
+//! master closed it: retire, reload, shutdown, or its own `TERM`) after
+//! answering everything it read. It dies with its master through `PR_SET_PDEATHSIG`, set by the
 //! master between fork and exec.
 
 pub mod batch;
 pub mod handoff;
 pub mod serve;
+pub mod signals;
 
 use protocol::{Parsed, Request};
 
@@ -33,13 +36,16 @@ pub fn blocks(parsed: &Parsed<'_>, fault_injection: bool) -> bool {
 
 /// Performs a request's side effect, if it has one: sleeping for `sleep`,
 /// aborting the whole process for `crash` when fault injection is on.
-pub fn perform_effect(parsed: &Parsed<'_>, fault_injection: bool) {
+/// Returns `false` when `QUIT` cut a sleep short: the request is abandoned.
+pub fn perform_effect(parsed: &Parsed<'_>, fault_injection: bool) -> bool {
     match parsed.request {
-        Ok(Request::Sleep { ms }) => std::thread::sleep(std::time::Duration::from_millis(ms)),
+        Ok(Request::Sleep { ms }) => {
+            signals::sleep_unless_quit(std::time::Duration::from_millis(ms))
+        }
         Ok(Request::Crash) if fault_injection => {
             log::warn!("crash requested (fault injection): aborting");
             std::process::abort();
         }
-        _ => {}
+        _ => true,
     }
 }

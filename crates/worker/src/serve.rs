@@ -9,6 +9,7 @@ use protocol::{Op, Outcome, ReplyContext};
 
 use crate::batch::ReplyBatch;
 use crate::handoff::Handoff;
+use crate::signals;
 
 /// Replies sent per `sendmmsg`, and completions per pipe write.
 const BATCH: usize = 64;
@@ -22,7 +23,7 @@ pub fn run(handoff: Handoff) -> anyhow::Result<()> {
     if nix::unistd::getppid().as_raw() as u32 != handoff.master {
         bail!("master {} is gone: exiting", handoff.master);
     }
-    ignore_terminal_signals();
+    crate::signals::install().context("cannot set up signals")?;
     // SAFETY: the master cleared close-on-exec on exactly these three
     // descriptors for this process, and nothing else in it owns them.
     let (socket, requests, completions) = unsafe {
@@ -47,9 +48,26 @@ pub fn run(handoff: Handoff) -> anyhow::Result<()> {
 
     let mut requests = requests;
     let mut inbox = FrameBuf::with_capacity(64 * 1024);
+    let mut announced_stop = false;
     loop {
+        if signals::quit_requested() {
+            log::debug!(
+                "worker {pid}: SIGQUIT, exiting with {} bytes of requests unread",
+                inbox.pending()
+            );
+            return Ok(());
+        }
+        if signals::term_requested() && !announced_stop {
+            // The master stops giving work and closes the pipe; everything
+            // already in it is answered below before the end of stream.
+            log::info!("worker {pid}: SIGTERM, answering what it holds, then exiting");
+            frame::encode_stopping(pid, &mut worker.done);
+            worker.flush()?;
+            announced_stop = true;
+        }
         let n = match io::Read::read(&mut requests, inbox.spare()) {
             Ok(n) => n,
+            // A signal: the top of the loop looks at it.
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e).context("cannot read the request pipe"),
         };
@@ -59,14 +77,18 @@ pub fn run(handoff: Handoff) -> anyhow::Result<()> {
             return Ok(());
         }
         inbox.filled(n);
-        while let Some(ToWorker::Request {
-            seq,
-            client,
-            payload,
-        }) = inbox.next_to_worker().context("request pipe")?
-        {
+        while !signals::quit_requested() {
+            let Some(ToWorker::Request {
+                seq,
+                client,
+                payload,
+            }) = inbox.next_to_worker().context("request pipe")?
+            else {
+                break;
+            };
             worker.answer(seq, client, payload)?;
         }
+        // Under QUIT too: replies already made leave with their completions.
         worker.flush()?;
     }
 }
@@ -95,7 +117,11 @@ impl Worker {
         };
         if crate::blocks(&parsed, self.fault_injection) {
             self.flush()?;
-            crate::perform_effect(&parsed, self.fault_injection);
+            if !crate::perform_effect(&parsed, self.fault_injection) {
+                // Cut short by QUIT: no reply and no completion; the master
+                // answers it.
+                return Ok(());
+            }
         }
         if self.replies.is_full() {
             self.flush()?;
@@ -124,23 +150,5 @@ impl Worker {
             self.done.clear();
         }
         Ok(())
-    }
-}
-
-/// Terminal signals reach the whole process group; the master decides what
-/// they mean (drain on SIGINT, reload on SIGHUP, scale on SIGTTIN/SIGTTOU),
-/// so a worker ignores them and waits for its pipe to close.
-fn ignore_terminal_signals() {
-    use nix::sys::signal::{signal, SigHandler, Signal};
-    for sig in [
-        Signal::SIGINT,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-        Signal::SIGTTIN,
-        Signal::SIGTTOU,
-    ] {
-        // SAFETY: SIG_IGN installs no handler code, so nothing runs in
-        // signal context.
-        let _ = unsafe { signal(sig, SigHandler::SigIgn) };
     }
 }
