@@ -5,8 +5,8 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
 use std::time::Instant;
 
+use netio::ReplyBatch;
 use protocol::{ErrorCode, Op, Outcome};
-use worker::batch::ReplyBatch;
 
 use crate::journal::{Journal, RequestId, RequestRow};
 use crate::pool::InFlight;
