@@ -5,16 +5,14 @@
 //! # Layout
 //! * [`handoff`]: how the master tells a worker which descriptors are its
 //!   own (the `UDP_POOL_WORKER` environment variable).
-//! * [`batch`]: [`batch::ReplyBatch`], replies gathered and sent with one
-//!   `sendmmsg`; the master's inline mode uses it too.
-//! * [`serve`]: the worker's loop.
+//! * [`serve`]: the worker's loop; its replies go out through
+//!   `netio::ReplyBatch`, one `sendmmsg` per batch.
 //!
 //! A worker stops cleanly when its request pipe reaches end of stream (the
 //! master closed it: retire, reload, shutdown) after answering everything it
 //! read. It dies with its master through `PR_SET_PDEATHSIG`, set by the
 //! master between fork and exec.
 
-pub mod batch;
 pub mod handoff;
 pub mod serve;
 
