@@ -26,3 +26,51 @@ pub mod sockaddr;
 pub use recv::{ConnectedRecvBatch, Datagram, RecvBatch};
 pub use send::{ConnectedSendBatch, ReplyBatch};
 pub use sockaddr::{read_sockaddr, write_sockaddr};
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::path::{Path, PathBuf};
+
+    /// Collects the `.rs` files under `dir`.
+    fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                rust_files(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+
+    /// The architecture invariant: no code outside this crate calls
+    /// `recvmmsg` or `sendmmsg`, builds a message header or handles a C
+    /// socket address.
+    #[test]
+    fn only_netio_does_batched_socket_io() {
+        let crates = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let mut files = Vec::new();
+        for entry in fs::read_dir(crates).unwrap() {
+            let dir = entry.unwrap().path();
+            if dir.is_dir() && dir.file_name().is_some_and(|n| n != "netio") {
+                rust_files(&dir, &mut files);
+            }
+        }
+        let tests = crates.parent().unwrap().join("tests");
+        if tests.is_dir() {
+            rust_files(&tests, &mut files);
+        }
+        assert!(files.len() > 10, "too few sources found under {crates:?}");
+        for file in files {
+            let text = fs::read_to_string(&file).unwrap();
+            for needle in ["recvmmsg(", "sendmmsg(", "mmsghdr", "sockaddr_storage"] {
+                assert!(
+                    !text.contains(needle),
+                    "{} uses `{needle}`: batched socket I/O belongs in netio",
+                    file.display()
+                );
+            }
+        }
+    }
+}
