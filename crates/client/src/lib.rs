@@ -12,8 +12,8 @@
 //! * [`wire`]: requests rendered, replies read, matched and checked.
 //! * [`oneshot`]: the `client` binary's work: ask, retry, fall back, print.
 //! * [`mix`]: the load generator's request mix.
-//! * [`mmsg`]: batched `sendmmsg`/`recvmmsg` on connected sockets.
-//! * [`load`]: the load generator's poll loop and its `--processes` parent.
+//! * [`load`]: the load generator's poll loop and its `--processes` parent;
+//!   its sockets are read and written in batches with `netio`.
 //! * [`report`]: what a run counted, as text or JSON.
 //! * [`plot`]: `--plot`'s SVG.
 
@@ -21,7 +21,6 @@ pub mod addr;
 pub mod cli;
 pub mod load;
 pub mod mix;
-pub mod mmsg;
 pub mod oneshot;
 pub mod plot;
 pub mod report;

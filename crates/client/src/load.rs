@@ -20,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use log::{debug, warn};
+use netio::{ConnectedRecvBatch, ConnectedSendBatch};
 use nix::sys::signal::{kill, sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::sys::socket::{setsockopt, sockopt};
 use nix::unistd::Pid;
@@ -27,9 +28,17 @@ use nix::unistd::Pid;
 use crate::addr;
 use crate::cli::{LoadArgs, MAX_DURATION_S};
 use crate::mix::Mix;
-use crate::mmsg::{RecvBatch, SendBatch, BATCH};
 use crate::report::{self, Setup, Tally};
 use crate::wire::{self, Kind, Matched};
+
+/// Datagrams per `sendmmsg` or `recvmmsg`.
+const BATCH: usize = 64;
+
+/// Room for one request; the longest load request is under 100 bytes.
+const SEND_SLOT: usize = 128;
+
+/// Room for one reply; larger replies are counted as unmatched.
+const RECV_SLOT: usize = 2048;
 
 /// Receive batches taken from one socket before the loop turns to sending.
 const MAX_RECV_ROUNDS: usize = 8;
@@ -485,7 +494,7 @@ impl Flow {
     fn send(
         &mut self,
         plan: &Plan,
-        batch: &mut SendBatch,
+        batch: &mut ConnectedSendBatch,
         now_ns: u64,
         budget: u64,
         tally: &mut Tally,
@@ -591,7 +600,7 @@ impl Flow {
     /// it. Returns how many datagrams arrived, and whether more may be queued.
     fn receive(
         &mut self,
-        batch: &mut RecvBatch,
+        batch: &mut ConnectedRecvBatch,
         clock: &Clock,
         tally: &mut Tally,
     ) -> (usize, bool) {
@@ -599,12 +608,10 @@ impl Flow {
         for _ in 0..MAX_RECV_ROUNDS {
             let n = match batch.recv(self.socket.as_fd()) {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (got, false),
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                     tally.refused += 1;
                     continue;
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     warn!("receive: {e}");
                     return (got, false);
@@ -763,8 +770,8 @@ pub fn run_flows(plan: &Plan) -> Result<Tally> {
     let mut flows = (0..plan.sockets)
         .map(|i| Flow::new(plan, i, capacity))
         .collect::<Result<Vec<_>>>()?;
-    let mut send_batch = SendBatch::default();
-    let mut recv_batch = RecvBatch::default();
+    let mut send_batch = ConnectedSendBatch::new(BATCH, SEND_SLOT);
+    let mut recv_batch = ConnectedRecvBatch::new(BATCH, RECV_SLOT);
     let mut tally = Tally::default();
     let timeout_ns = plan.timeout.as_nanos() as u64;
     let send_end_ns = plan.duration.as_nanos() as u64;

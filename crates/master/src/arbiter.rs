@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use netio::RecvBatch;
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use nix::sys::signal::{kill, Signal};
@@ -23,7 +24,6 @@ use crate::ledger::{Ledger, Responder};
 use crate::pool::{InFlight, SlotState, WorkerSlot};
 use crate::signals::Signals;
 use crate::spawn::spawn_worker;
-use crate::udp::RecvBatch;
 
 const TOKEN_UDP: u64 = 0;
 const TOKEN_SIGNALS: u64 = 1;
@@ -1220,6 +1220,7 @@ fn stats_json(a: &Arbiter, now: Instant) -> serde_json::Map<String, serde_json::
             "timeouts": t.timeouts,
             "restarts": t.restarts,
             "redispatched": t.redispatched,
+            "replies_dropped": a.responder.dropped,
             "journal_written": written,
             "journal_shed": shed,
         },

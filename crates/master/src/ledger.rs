@@ -5,8 +5,8 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
 use std::time::Instant;
 
+use netio::ReplyBatch;
 use protocol::{ErrorCode, Op, Outcome};
-use worker::batch::ReplyBatch;
 
 use crate::journal::{Journal, RequestId, RequestRow};
 use crate::pool::InFlight;
@@ -152,6 +152,9 @@ pub struct Responder {
     pub socket: UdpSocket,
     /// Replies waiting to be sent.
     pub batch: ReplyBatch,
+    /// Replies dropped because the socket's send buffer was full: the loop
+    /// never waits for the socket (`stats` shows this count).
+    pub dropped: u64,
 }
 
 impl Responder {
@@ -160,6 +163,7 @@ impl Responder {
         Responder {
             socket,
             batch: ReplyBatch::with_capacity(64),
+            dropped: 0,
         }
     }
 
@@ -213,10 +217,17 @@ impl Responder {
         }
     }
 
-    /// Sends every queued reply.
+    /// Sends every queued reply without blocking; a reply that finds the
+    /// send buffer full is dropped and counted, as the kernel would drop it
+    /// on a full receive queue.
     pub fn send(&mut self) {
-        if let Err(e) = self.batch.send(self.socket.as_fd()) {
-            log::error!("cannot send replies: {e}");
+        match self.batch.send_nonblocking(self.socket.as_fd()) {
+            Ok(0) => {}
+            Ok(n) => {
+                self.dropped += n as u64;
+                log::debug!("{n} replies dropped: the socket's send buffer is full");
+            }
+            Err(e) => log::error!("cannot send replies: {e}"),
         }
     }
 }

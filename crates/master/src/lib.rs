@@ -8,7 +8,7 @@
 //!   and its steps: read datagrams, dispatch, reap, time out, respawn.
 //! * [`pool`]: a worker slot and the requests it holds.
 //! * [`spawn`]: fork and exec of one worker with its pipes.
-//! * [`udp`]: the server socket and batched receive.
+//! * [`udp`]: the server socket.
 //! * [`signals`]: signals through a signalfd.
 //! * [`ledger`]: counters, journal rows, and the master's own replies.
 //! * [`journal`]: the SQLite journal and its writer thread.

@@ -5,9 +5,8 @@
 //! # Layout
 //! * [`handoff`]: how the master tells a worker which descriptors are its
 //!   own (the `UDP_POOL_WORKER` environment variable).
-//! * [`batch`]: [`batch::ReplyBatch`], replies gathered and sent with one
-//!   `sendmmsg`; the master's inline mode uses it too.
-//! * [`serve`]: the worker's loop.
+//! * [`serve`]: the worker's loop; its replies go out through
+//!   `netio::ReplyBatch`, one `sendmmsg` per batch.
 //! * [`signals`]: what `TERM` (finish what it holds), `QUIT` (stop after
 //!   the batch in progress) and the terminal's signals mean to a worker.
 //!
@@ -16,7 +15,6 @@
 //! answering everything it read. It dies with its master through `PR_SET_PDEATHSIG`, set by the
 //! master between fork and exec.
 
-pub mod batch;
 pub mod handoff;
 pub mod serve;
 pub mod signals;

@@ -4,10 +4,10 @@ use std::io::{self, Write};
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 
 use anyhow::{bail, Context};
+use netio::ReplyBatch;
 use protocol::frame::{self, FrameBuf, ToWorker};
 use protocol::{Op, Outcome, ReplyContext};
 
-use crate::batch::ReplyBatch;
 use crate::handoff::Handoff;
 use crate::signals;
 

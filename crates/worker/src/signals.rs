@@ -26,11 +26,11 @@ use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow,
 static TERM: AtomicBool = AtomicBool::new(false);
 static QUIT: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_term(_: libc::c_int) {
+extern "C" fn on_term(_: nix::libc::c_int) {
     TERM.store(true, Ordering::Relaxed);
 }
 
-extern "C" fn on_quit(_: libc::c_int) {
+extern "C" fn on_quit(_: nix::libc::c_int) {
     QUIT.store(true, Ordering::Relaxed);
 }
 
@@ -50,7 +50,7 @@ pub fn install() -> nix::Result<()> {
         unsafe { signal::sigaction(sig, &ignore) }?;
     }
     for (sig, handler) in [
-        (Signal::SIGTERM, on_term as extern "C" fn(libc::c_int)),
+        (Signal::SIGTERM, on_term as extern "C" fn(nix::libc::c_int)),
         (Signal::SIGQUIT, on_quit),
     ] {
         let action = SigAction::new(
