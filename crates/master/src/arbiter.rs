@@ -16,6 +16,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use protocol::answer;
 use protocol::frame::{self, FrameBuf, ToMaster};
 use protocol::{ErrorCode, Op, Outcome, ReplyContext, Request};
 
@@ -1118,7 +1119,9 @@ fn close_requests(slot: &mut WorkerSlot) {
     slot.outbox_sent = 0;
 }
 
-/// `--workers 0`: the master computes the reply itself, as a worker would.
+/// `--workers 0`: the master answers with the same function a worker uses;
+/// its loop never blocks and never aborts, so `sleep` and `crash` are
+/// refused (`disabled`).
 fn answer_inline(
     responder: &mut Responder,
     ledger: &mut Ledger,
@@ -1128,50 +1131,50 @@ fn answer_inline(
     now: Instant,
     now_us: i64,
 ) {
-    let Some(parsed) = protocol::parse(payload) else {
-        ledger.record(
-            client,
-            now,
-            now_us,
-            Op::Invalid,
-            Some(pid),
-            Outcome::NoReply,
-            b"",
-            now,
-        );
-        return;
-    };
-    responder.ensure_room();
     let ctx = ReplyContext {
         worker_pid: pid,
         client,
     };
-    // Inline there is no process to lose or to stall: `crash` never aborts
-    // the master (write_reply answers it `disabled`), and neither does
-    // `sleep` block its loop.
-    let outcome = match parsed.request {
-        Ok(Request::Sleep { ms }) if ms > 0 => protocol::write_error(
-            parsed.dialect,
-            parsed.id,
-            ErrorCode::Disabled,
-            "op sleep would stall the master: it needs a worker pool (--workers 1 or more)",
-            Some(pid),
-            responder.batch.next_buf(),
-        ),
-        _ => protocol::write_reply(&parsed, &ctx, responder.batch.next_buf()),
+    // The inline host never fails and never abandons a request.
+    let Ok(Some(done)) = answer::answer(payload, &ctx, &mut InlineHost(responder)) else {
+        return;
     };
-    responder.batch.commit(client);
-    let id = parsed.id.unwrap_or("").as_bytes();
+    if done.outcome != Outcome::NoReply {
+        responder.batch.commit(client);
+    }
     ledger.record(
         client,
         now,
         now_us,
-        parsed.op(),
+        done.op,
         Some(pid),
-        outcome,
-        id,
+        done.outcome,
+        done.id,
         Instant::now(),
     );
+}
+
+/// The master as the host of inline answers.
+struct InlineHost<'r>(&'r mut Responder);
+
+impl answer::Host for InlineHost<'_> {
+    type Error = std::convert::Infallible;
+
+    fn perform(&mut self, effect: answer::Effect) -> Result<answer::Verdict, Self::Error> {
+        Ok(answer::Verdict::Refused(match effect {
+            answer::Effect::Sleep { .. } => {
+                "op sleep would stall the master: it needs a worker pool (--workers 1 or more)"
+            }
+            answer::Effect::Crash => {
+                "op crash is disabled with --workers 0: the master never aborts"
+            }
+        }))
+    }
+
+    fn reply_buf(&mut self) -> Result<&mut Vec<u8>, Self::Error> {
+        self.0.ensure_room();
+        Ok(self.0.batch.next_buf())
+    }
 }
 
 /// The body of a `stats` reply.

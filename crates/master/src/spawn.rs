@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::unistd::Pid;
-use worker::handoff::{self, Handoff};
+use protocol::handoff::{self, Handoff};
 
 /// A worker just started: its PID and the master's ends of its pipes.
 pub struct Spawned {

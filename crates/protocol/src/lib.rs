@@ -14,11 +14,17 @@
 //! * [`request`]: one place that parses a datagram into a [`request::Parsed`].
 //! * [`reply`]: one place that computes and renders a reply into a buffer.
 //! * [`frame`]: the master <-> worker pipe framing.
+//! * [`answer`]: the one function that answers a datagram, in a worker or
+//!   in the master's inline mode, with a [`answer::Host`] for the effects.
+//! * [`handoff`]: the `UDP_POOL_WORKER` environment variable that tells a
+//!   worker which inherited descriptors are its own.
 //!
 //! The shared vocabulary ([`Op`], [`ErrorCode`], [`Outcome`], [`Dialect`])
 //! is defined below; `docs/PROTOCOL.md` documents all of it for users.
 
+pub mod answer;
 pub mod frame;
+pub mod handoff;
 pub mod reply;
 pub mod request;
 

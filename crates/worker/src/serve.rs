@@ -6,10 +6,11 @@ use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use anyhow::{bail, Context};
 use netio::ReplyBatch;
 use protocol::frame::{self, FrameBuf, ToWorker};
-use protocol::{Op, Outcome, ReplyContext};
+use protocol::{Outcome, ReplyContext};
 
-use crate::handoff::Handoff;
 use crate::signals;
+use protocol::answer::{self, Effect, Host, Verdict};
+use protocol::handoff::Handoff;
 
 /// Replies sent per `sendmmsg`, and completions per pipe write.
 const BATCH: usize = 64;
@@ -105,35 +106,25 @@ struct Worker {
 }
 
 impl Worker {
+    /// Answers one request; a request abandoned on `QUIT` gets neither a
+    /// reply nor a completion, so the master answers it.
     fn answer(
         &mut self,
         seq: u64,
         client: std::net::SocketAddr,
         payload: &[u8],
     ) -> anyhow::Result<()> {
-        let Some(parsed) = protocol::parse(payload) else {
-            frame::encode_done(seq, Op::Invalid, Outcome::NoReply, b"", &mut self.done);
-            return Ok(());
-        };
-        if crate::blocks(&parsed, self.fault_injection) {
-            self.flush()?;
-            if !crate::perform_effect(&parsed, self.fault_injection) {
-                // Cut short by QUIT: no reply and no completion; the master
-                // answers it.
-                return Ok(());
-            }
-        }
-        if self.replies.is_full() {
-            self.flush()?;
-        }
         let ctx = ReplyContext {
             worker_pid: self.pid,
             client,
         };
-        let outcome = protocol::write_reply(&parsed, &ctx, self.replies.next_buf());
-        self.replies.commit(client);
-        let id = parsed.id.unwrap_or("").as_bytes();
-        frame::encode_done(seq, parsed.op(), outcome, id, &mut self.done);
+        let Some(done) = answer::answer(payload, &ctx, self)? else {
+            return Ok(());
+        };
+        if done.outcome != Outcome::NoReply {
+            self.replies.commit(client);
+        }
+        frame::encode_done(seq, done.op, done.outcome, done.id, &mut self.done);
         Ok(())
     }
 
@@ -150,5 +141,40 @@ impl Worker {
             self.done.clear();
         }
         Ok(())
+    }
+}
+
+impl Host for Worker {
+    type Error = anyhow::Error;
+
+    /// `sleep` blocks this worker (cut short by `QUIT`); `crash` aborts it
+    /// when fault injection is on. Either way the replies gathered so far
+    /// leave first.
+    fn perform(&mut self, effect: Effect) -> anyhow::Result<Verdict> {
+        Ok(match effect {
+            Effect::Sleep { ms } => {
+                self.flush()?;
+                if signals::sleep_unless_quit(std::time::Duration::from_millis(ms)) {
+                    Verdict::Done
+                } else {
+                    Verdict::Abandoned
+                }
+            }
+            Effect::Crash if self.fault_injection => {
+                self.flush()?;
+                log::warn!("crash requested (fault injection): aborting");
+                std::process::abort();
+            }
+            Effect::Crash => Verdict::Refused(
+                "op crash is disabled (start master with --enable-fault-injection)",
+            ),
+        })
+    }
+
+    fn reply_buf(&mut self) -> anyhow::Result<&mut Vec<u8>> {
+        if self.replies.is_full() {
+            self.flush()?;
+        }
+        Ok(self.replies.next_buf())
     }
 }
