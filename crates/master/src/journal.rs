@@ -26,6 +26,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::exit::{exit_status_text, ExitReason};
 use anyhow::{bail, Context as _};
 use protocol::frame::MAX_DONE_ID;
 use protocol::{Op, Outcome};
@@ -250,56 +251,6 @@ pub struct RequestRow {
     pub outcome: Outcome,
     /// From the master's receipt of the datagram to the request's completion.
     pub latency_us: u64,
-}
-
-/// Why a worker's life ended, as recorded in `workers.reason`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExitReason {
-    /// It died on its own (a signal or a non-zero exit the master did not ask for).
-    Crash,
-    /// The master killed it for holding a request past the timeout.
-    TimeoutKill,
-    /// It served its request budget and was replaced.
-    Retired,
-    /// Replaced on SIGHUP.
-    Reload,
-    /// Stopped because the pool shrank (SIGTTOU).
-    Scaled,
-    /// Stopped because the master shut down.
-    Stop,
-    /// It got SIGTERM from outside the master, answered what it held and
-    /// exited; the master replaced it.
-    Terminated,
-    /// It failed before becoming ready.
-    BootFailure,
-}
-
-impl ExitReason {
-    /// The reason as the journal stores it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ExitReason::Crash => "crash",
-            ExitReason::TimeoutKill => "timeout_kill",
-            ExitReason::Retired => "retired",
-            ExitReason::Reload => "reload",
-            ExitReason::Scaled => "scaled_down",
-            ExitReason::Stop => "stop",
-            ExitReason::Terminated => "terminated",
-            ExitReason::BootFailure => "boot_failure",
-        }
-    }
-}
-
-/// A human exit status: `exit 0`, `signal 9 (SIGKILL)`, or `unknown`.
-pub fn exit_status_text(exit_code: Option<i32>, signal: Option<i32>) -> String {
-    match (signal, exit_code) {
-        (Some(sig), _) => match nix::sys::signal::Signal::try_from(sig) {
-            Ok(s) => format!("signal {sig} ({})", s.as_str()),
-            Err(_) => format!("signal {sig}"),
-        },
-        (None, Some(code)) => format!("exit {code}"),
-        (None, None) => "unknown".to_owned(),
-    }
 }
 
 /// A worker lifecycle change, queued alongside request rows. Never shed:

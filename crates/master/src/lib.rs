@@ -6,7 +6,10 @@
 //! * [`cli`]: the command line.
 //! * [`arbiter`]: the event loop (gunicorn's arbiter, nginx's master cycle)
 //!   and its steps: read datagrams, dispatch, reap, time out, respawn.
-//! * [`pool`]: a worker slot and the requests it holds.
+//! * [`pool`]: a worker slot and the requests it holds, and the pure
+//!   decisions over them (dispatch, the pool plan, deadlines, settling).
+//! * [`backoff`]: crash-loop detection and the respawn back-off.
+//! * [`exit`]: how a worker's life ended (exit status and reason).
 //! * [`spawn`]: fork and exec of one worker with its pipes.
 //! * [`udp`]: the server socket.
 //! * [`signals`]: signals through a signalfd.
@@ -15,7 +18,9 @@
 //! * [`report`]: `master report`.
 
 pub mod arbiter;
+pub mod backoff;
 pub mod cli;
+pub mod exit;
 pub mod journal;
 pub mod ledger;
 pub mod pool;

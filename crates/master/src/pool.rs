@@ -1,15 +1,20 @@
-//! Worker slots: what the master knows of each worker process, and the
-//! requests each one holds.
+//! Worker slots: what the master knows of each worker process and the
+//! requests each one holds, and the pure decisions made over them: which
+//! worker takes a request, which workers retire and how many start, which
+//! deadline is next, and what becomes of the requests a dead worker held.
+//! Nothing here starts, signals or reads a process; the arbiter does, and
+//! these functions are unit-tested without any.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
-use protocol::frame::FrameBuf;
+use protocol::frame::{self, FrameBuf};
+use protocol::ErrorCode;
 
-use crate::journal::ExitReason;
+use crate::exit::{ChildExit, ExitReason};
 
 /// A request handed to a worker and not yet reported done.
 #[derive(Debug)]
@@ -40,9 +45,8 @@ pub enum SlotState {
     Booting,
     /// Serving.
     Ready,
-    /// Takes no new work; its request pipe is closed (or will be once the
-    /// bytes already queued for it are written), so it exits after
-    /// answering what it holds.
+    /// Takes no new work; its request pipe is closed once the bytes already
+    /// queued for it are written, so it exits after answering what it holds.
     Retiring(ExitReason),
     /// Sent a stop signal (`QUIT`, then `KILL`; or `KILL` at once for a
     /// timeout). It takes no work; what it holds is settled when it has been
@@ -65,6 +69,8 @@ pub struct WorkerSlot {
     /// Still serving, but a SIGHUP asked for its replacement: it retires as
     /// soon as a new worker reports ready.
     pub replace_pending: bool,
+    /// It sent STOPPING (it got SIGTERM): it retires at the next turn.
+    pub stop_requested: bool,
     /// Write end of its request pipe; `None` once closed.
     pub requests: Option<OwnedFd>,
     /// Frames queued for the request pipe that did not fit in it yet.
@@ -85,19 +91,85 @@ pub struct WorkerSlot {
     pub request_limit: u64,
     /// The request it was killed for holding past `--request-timeout-ms`.
     pub timed_out: Option<u64>,
+    /// How it ended, once reaped; it is settled when its completions have
+    /// also been read to the end.
+    pub exit: Option<ChildExit>,
 }
 
 impl WorkerSlot {
+    /// A worker just started, with the master's ends of its pipes.
+    pub fn new(
+        serial: u64,
+        pid: Pid,
+        requests: OwnedFd,
+        completions: OwnedFd,
+        max_inflight: usize,
+        request_limit: u64,
+        now: Instant,
+    ) -> WorkerSlot {
+        WorkerSlot {
+            serial,
+            pid,
+            started: now,
+            state: SlotState::Booting,
+            replace_pending: false,
+            stop_requested: false,
+            requests: Some(requests),
+            outbox: Vec::with_capacity(4096),
+            outbox_sent: 0,
+            completions: Some(completions),
+            inbox: FrameBuf::with_capacity(16 * 1024),
+            inflight: VecDeque::with_capacity(max_inflight.min(1024)),
+            dispatched: 0,
+            served: 0,
+            request_limit,
+            timed_out: None,
+            exit: None,
+        }
+    }
+
+    /// Whether it has been handed its `--max-requests` budget.
+    pub fn budget_spent(&self) -> bool {
+        self.request_limit > 0 && self.dispatched >= self.request_limit
+    }
+
     /// Whether new requests may go to this worker.
     pub fn takes_work(&self, max_inflight: usize) -> bool {
         matches!(self.state, SlotState::Booting | SlotState::Ready)
             && self.requests.is_some()
+            && !self.budget_spent()
+            && !self.stop_requested
             && self.inflight.len() < max_inflight
     }
 
     /// Whether it counts toward the pool size: not on its way out.
     pub fn is_active(&self) -> bool {
-        matches!(self.state, SlotState::Booting | SlotState::Ready) && !self.replace_pending
+        matches!(self.state, SlotState::Booting | SlotState::Ready)
+            && !self.replace_pending
+            && !self.budget_spent()
+            && !self.stop_requested
+    }
+
+    /// Whether it is reaped and its completion stream has ended: what it
+    /// still holds got no reply from it.
+    pub fn settled(&self) -> bool {
+        self.exit.is_some() && self.completions.is_none()
+    }
+
+    /// Closes its request pipe and forgets the frames not yet written (the
+    /// requests stay in `inflight`, to be settled).
+    pub fn close_requests(&mut self) {
+        self.requests = None;
+        self.outbox.clear();
+        self.outbox_sent = 0;
+    }
+
+    /// Queues `req` for this worker (a REQUEST frame in its outbox).
+    pub fn assign(&mut self, mut req: InFlight, now: Instant) {
+        req.dispatched = now;
+        frame::encode_request(req.seq, req.client, &req.payload, &mut self.outbox);
+        self.inflight.push_back(req);
+        self.dispatched += 1;
     }
 
     /// Its state as `stats` shows it.
@@ -110,5 +182,392 @@ impl WorkerSlot {
             SlotState::Retiring(_) => "retiring",
             SlotState::Killed(_) => "killed",
         }
+    }
+}
+
+// ----- dispatch ---------------------------------------------------------------
+
+/// The worker that takes the next request: the one with the fewest
+/// requests in flight, the first from `start` among ties (round-robin);
+/// `None` when every worker is full or on its way out.
+pub fn choose(slots: &[WorkerSlot], start: usize, max_inflight: usize) -> Option<usize> {
+    let n = slots.len();
+    let mut best: Option<usize> = None;
+    for k in 0..n {
+        let i = (start + k) % n;
+        if slots[i].takes_work(max_inflight)
+            && best.is_none_or(|b| slots[i].inflight.len() < slots[b].inflight.len())
+        {
+            best = Some(i);
+        }
+    }
+    best
+}
+
+/// A request the master has read (or taken back from a worker that
+/// stopped) and not yet placed.
+#[derive(Debug)]
+pub struct Pending {
+    /// The request.
+    pub req: InFlight,
+    /// The error it gets if no worker can take it.
+    pub if_unplaced: ErrorCode,
+    /// It already found every worker full in a turn: it gets no further
+    /// chance unless the pool makes progress.
+    pub waited: bool,
+}
+
+/// Requests waiting for a worker, oldest first, and the round-robin cursor.
+#[derive(Debug, Default)]
+pub struct Dispatcher {
+    queue: VecDeque<Pending>,
+    rr: usize,
+}
+
+impl Dispatcher {
+    /// Queues `req`; `if_unplaced` is the error it gets if no worker takes it.
+    pub fn push(&mut self, req: InFlight, if_unplaced: ErrorCode) {
+        self.queue.push_back(Pending {
+            req,
+            if_unplaced,
+            waited: false,
+        });
+    }
+
+    /// Requests waiting.
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Whether none waits.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Places waiting requests, oldest first, while some worker has room;
+    /// returns how many were placed. The rest found every worker full: they
+    /// wait while the pool makes progress (completions free room, a new
+    /// worker starts), each turn that places at least one; a request that
+    /// already waited a turn and finds a turn that places none goes to
+    /// `refused`, to be answered with its error. So `busy` is answered
+    /// within two turns of the loop, never after a queue builds up.
+    pub fn place(
+        &mut self,
+        slots: &mut [WorkerSlot],
+        max_inflight: usize,
+        now: Instant,
+        refused: &mut Vec<Pending>,
+    ) -> usize {
+        let mut placed = 0;
+        while !self.queue.is_empty() {
+            let Some(i) = choose(slots, self.rr, max_inflight) else {
+                break;
+            };
+            let p = self.queue.pop_front().expect("not empty");
+            slots[i].assign(p.req, now);
+            self.rr = i + 1;
+            placed += 1;
+        }
+        if placed == 0 {
+            while self.queue.front().is_some_and(|p| p.waited) {
+                refused.push(self.queue.pop_front().expect("not empty"));
+            }
+        }
+        for p in &mut self.queue {
+            p.waited = true;
+        }
+        placed
+    }
+
+    /// Takes every waiting request out (the server is stopping).
+    pub fn drain(&mut self, out: &mut Vec<Pending>) {
+        out.extend(self.queue.drain(..));
+    }
+}
+
+// ----- the pool's size ---------------------------------------------------------
+
+/// What `manage_workers` does this turn.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PoolPlan {
+    /// Workers to retire (slot index and why), each after its queued work.
+    pub retire: Vec<(usize, ExitReason)>,
+    /// Workers to start.
+    pub spawn: usize,
+}
+
+/// Brings the pool toward `target` workers: retires the workers that asked
+/// to stop (STOPPING) or spent their `--max-requests` budget; retires the
+/// oldest when there are more than `target` (TTOU); lets a worker replaced
+/// by SIGHUP go once a new one is ready to take its place; and starts as
+/// many as are missing.
+pub fn plan(slots: &[WorkerSlot], target: usize) -> PoolPlan {
+    let mut plan = PoolPlan::default();
+    let serving = |s: &WorkerSlot| matches!(s.state, SlotState::Booting | SlotState::Ready);
+    for (i, s) in slots.iter().enumerate().filter(|(_, s)| serving(s)) {
+        if s.stop_requested {
+            plan.retire.push((i, ExitReason::Terminated));
+        } else if s.budget_spent() {
+            plan.retire.push((i, ExitReason::Retired));
+        }
+    }
+    let mut active: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].is_active()).collect();
+    if active.len() > target {
+        active.sort_by_key(|&i| slots[i].started);
+        let excess = active.len() - target;
+        plan.retire
+            .extend(active.drain(..excess).map(|i| (i, ExitReason::Scaled)));
+    }
+    let mut old: Vec<usize> = (0..slots.len())
+        .filter(|&i| serving(&slots[i]) && slots[i].replace_pending)
+        .collect();
+    old.sort_by_key(|&i| slots[i].started);
+    let fresh_ready = active
+        .iter()
+        .filter(|&&i| slots[i].state == SlotState::Ready)
+        .count();
+    let keep_old = target.saturating_sub(fresh_ready).min(old.len());
+    plan.retire.extend(
+        old[..old.len() - keep_old]
+            .iter()
+            .map(|&i| (i, ExitReason::Reload)),
+    );
+    plan.spawn = target.saturating_sub(active.len());
+    plan
+}
+
+// ----- deadlines ---------------------------------------------------------------
+
+/// Whether the worker's oldest request has waited at it for `timeout`.
+pub fn expired(slot: &WorkerSlot, now: Instant, timeout: Duration) -> bool {
+    !matches!(slot.state, SlotState::Killed(_))
+        && slot
+            .inflight
+            .front()
+            .is_some_and(|r| now.duration_since(r.dispatched) >= timeout)
+}
+
+/// The earliest moment some worker's oldest request times out.
+pub fn next_timeout(slots: &[WorkerSlot], timeout: Duration) -> Option<Instant> {
+    slots
+        .iter()
+        .filter(|s| !matches!(s.state, SlotState::Killed(_)))
+        .filter_map(|s| s.inflight.front().map(|r| r.dispatched + timeout))
+        .min()
+}
+
+// ----- settling a dead worker's requests ----------------------------------------
+
+/// What becomes of a request a worker held when it ended unanswered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// Answered now with this error.
+    Answer(ErrorCode),
+    /// Handed to another worker; this error if none can take it.
+    Redispatch(ErrorCode),
+}
+
+/// Decides for one request left with a worker that ended for `reason`:
+/// the request a hung worker was killed for gets `timeout`; a stop gives
+/// `shutting_down`; a crash re-dispatches once (a second crash fails the
+/// request `worker_crashed`: it may be a poison request); anything else
+/// (queued behind a hung request, held by a worker that stopped) did
+/// nothing wrong and goes to another worker.
+pub fn settle(reason: ExitReason, timed_out: Option<u64>, req: &InFlight) -> Settlement {
+    match reason {
+        ExitReason::TimeoutKill if timed_out == Some(req.seq) => {
+            Settlement::Answer(ErrorCode::Timeout)
+        }
+        ExitReason::Stop => Settlement::Answer(ErrorCode::ShuttingDown),
+        r if r.is_crash() && req.redispatched => Settlement::Answer(ErrorCode::WorkerCrashed),
+        r if r.is_crash() => Settlement::Redispatch(ErrorCode::WorkerCrashed),
+        _ => Settlement::Redispatch(ErrorCode::Busy),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::fcntl::OFlag;
+
+    fn slot(serial: u64, state: SlotState, held: usize) -> WorkerSlot {
+        let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).expect("pipe");
+        let t0 = Instant::now();
+        let mut s = WorkerSlot::new(
+            serial,
+            Pid::from_raw(1000 + serial as i32),
+            w,
+            r,
+            128,
+            0,
+            t0 + Duration::from_millis(serial),
+        );
+        s.state = state;
+        for k in 0..held {
+            s.inflight.push_back(req(k as u64, t0));
+        }
+        s
+    }
+
+    fn req(seq: u64, at: Instant) -> InFlight {
+        InFlight {
+            seq,
+            client: "127.0.0.1:9".parse().unwrap(),
+            received: at,
+            received_unix_us: 0,
+            dispatched: at,
+            payload: b"7".to_vec(),
+            redispatched: false,
+        }
+    }
+
+    #[test]
+    fn choose_takes_the_least_loaded_round_robin_among_ties() {
+        let slots = vec![
+            slot(0, SlotState::Ready, 2),
+            slot(1, SlotState::Ready, 1),
+            slot(2, SlotState::Booting, 1),
+        ];
+        assert_eq!(choose(&slots, 0, 8), Some(1));
+        assert_eq!(choose(&slots, 2, 8), Some(2));
+        assert_eq!(choose(&slots, 2, 1), None, "every worker is full");
+    }
+
+    #[test]
+    fn choose_skips_workers_on_their_way_out() {
+        let mut slots = vec![
+            slot(0, SlotState::Retiring(ExitReason::Reload), 0),
+            slot(1, SlotState::Killed(ExitReason::TimeoutKill), 0),
+            slot(2, SlotState::Ready, 5),
+        ];
+        assert_eq!(choose(&slots, 0, 8), Some(2));
+        slots[2].stop_requested = true;
+        assert_eq!(choose(&slots, 0, 8), None);
+    }
+
+    #[test]
+    fn a_spent_budget_takes_no_more_work() {
+        let mut s = slot(0, SlotState::Ready, 0);
+        s.request_limit = 1;
+        assert!(s.takes_work(8) && s.is_active());
+        s.assign(req(9, Instant::now()), Instant::now());
+        assert!(!s.takes_work(8) && !s.is_active());
+    }
+
+    #[test]
+    fn busy_comes_after_a_turn_without_progress() {
+        let t = Instant::now();
+        let mut slots = vec![slot(0, SlotState::Ready, 1)];
+        let mut d = Dispatcher::default();
+        let mut refused = Vec::new();
+        d.push(req(1, t), ErrorCode::Busy);
+        // Full: it waits one turn.
+        assert_eq!(d.place(&mut slots, 1, t, &mut refused), 0);
+        assert!(refused.is_empty() && d.len() == 1);
+        // The worker answered: the next turn places it.
+        slots[0].inflight.clear();
+        assert_eq!(d.place(&mut slots, 1, t, &mut refused), 1);
+        // Two more: one is placed... no, the worker is full again.
+        d.push(req(2, t), ErrorCode::Busy);
+        assert_eq!(d.place(&mut slots, 1, t, &mut refused), 0);
+        assert_eq!(d.place(&mut slots, 1, t, &mut refused), 0);
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].req.seq, 2);
+        assert!(d.is_empty());
+    }
+
+    #[test]
+    fn requests_wait_while_each_turn_places_some() {
+        let t = Instant::now();
+        let mut slots = vec![slot(0, SlotState::Ready, 0)];
+        let mut d = Dispatcher::default();
+        let mut refused = Vec::new();
+        for seq in 0..3 {
+            d.push(req(seq, t), ErrorCode::Busy);
+        }
+        for _ in 0..3 {
+            assert_eq!(d.place(&mut slots, 1, t, &mut refused), 1);
+            slots[0].inflight.clear();
+        }
+        assert!(refused.is_empty() && d.is_empty());
+    }
+
+    #[test]
+    fn the_plan_fills_the_pool_and_retires_the_oldest_extra() {
+        let mut slots = vec![slot(0, SlotState::Ready, 0), slot(1, SlotState::Ready, 0)];
+        assert_eq!(plan(&slots, 3).spawn, 1);
+        let p = plan(&slots, 1);
+        assert_eq!(p.retire, vec![(0, ExitReason::Scaled)]);
+        assert_eq!(p.spawn, 0);
+        slots[1].stop_requested = true;
+        let p = plan(&slots, 2);
+        assert_eq!(p.retire, vec![(1, ExitReason::Terminated)]);
+        assert_eq!(p.spawn, 1);
+    }
+
+    #[test]
+    fn a_reloaded_worker_goes_only_once_a_new_one_is_ready() {
+        let mut slots = vec![slot(0, SlotState::Ready, 0), slot(1, SlotState::Ready, 0)];
+        for s in &mut slots {
+            s.replace_pending = true;
+        }
+        let p = plan(&slots, 2);
+        assert_eq!((p.retire.len(), p.spawn), (0, 2));
+        slots.push(slot(2, SlotState::Booting, 0));
+        slots.push(slot(3, SlotState::Booting, 0));
+        assert!(plan(&slots, 2).retire.is_empty());
+        slots[2].state = SlotState::Ready;
+        assert_eq!(plan(&slots, 2).retire, vec![(0, ExitReason::Reload)]);
+        slots[3].state = SlotState::Ready;
+        assert_eq!(
+            plan(&slots, 2).retire,
+            vec![(0, ExitReason::Reload), (1, ExitReason::Reload)]
+        );
+    }
+
+    #[test]
+    fn deadlines_skip_killed_workers() {
+        let timeout = Duration::from_millis(100);
+        let mut slots = vec![slot(0, SlotState::Ready, 1), slot(1, SlotState::Ready, 0)];
+        let t = slots[0].inflight[0].dispatched;
+        assert_eq!(next_timeout(&slots, timeout), Some(t + timeout));
+        assert!(!expired(&slots[0], t, timeout));
+        assert!(expired(&slots[0], t + timeout, timeout));
+        slots[0].state = SlotState::Killed(ExitReason::TimeoutKill);
+        assert!(!expired(&slots[0], t + timeout, timeout));
+        assert_eq!(next_timeout(&slots, timeout), None);
+    }
+
+    #[test]
+    fn only_the_hung_request_gets_timeout() {
+        let t = Instant::now();
+        let hung = req(1, t);
+        let queued = req(2, t);
+        assert_eq!(
+            settle(ExitReason::TimeoutKill, Some(1), &hung),
+            Settlement::Answer(ErrorCode::Timeout)
+        );
+        assert_eq!(
+            settle(ExitReason::TimeoutKill, Some(1), &queued),
+            Settlement::Redispatch(ErrorCode::Busy)
+        );
+        assert_eq!(
+            settle(ExitReason::Stop, None, &queued),
+            Settlement::Answer(ErrorCode::ShuttingDown)
+        );
+        assert_eq!(
+            settle(ExitReason::Crash, None, &queued),
+            Settlement::Redispatch(ErrorCode::WorkerCrashed)
+        );
+        let mut again = req(3, t);
+        again.redispatched = true;
+        assert_eq!(
+            settle(ExitReason::Crash, None, &again),
+            Settlement::Answer(ErrorCode::WorkerCrashed)
+        );
+        assert_eq!(
+            settle(ExitReason::Terminated, None, &queued),
+            Settlement::Redispatch(ErrorCode::Busy)
+        );
     }
 }

@@ -641,7 +641,8 @@ fn short_utc(us: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::{ExitReason, Journal, RequestId, RequestRow};
+    use crate::exit::ExitReason;
+    use crate::journal::{Journal, RequestId, RequestRow};
     use protocol::{ErrorCode, Op, Outcome};
 
     fn row(ts: i64, pid: Option<u32>, outcome: Outcome, latency_us: u64) -> RequestRow {

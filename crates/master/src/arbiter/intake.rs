@@ -1,0 +1,215 @@
+//! Datagrams in, and the answers the master gives itself: `stats`,
+//! `too_large`, inline mode, and the errors of requests it cannot place.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use protocol::answer::{self, Effect, Verdict};
+use protocol::{ErrorCode, Op, Outcome, ReplyContext, Request};
+
+use super::{Arbiter, Phase, QUEUE_CAP, RECV_BATCH, RECV_ROUNDS};
+use crate::journal;
+use crate::ledger::{Ledger, Responder};
+use crate::pool::InFlight;
+
+impl Arbiter {
+    /// Reads queued datagrams (a bounded number per turn, and none while
+    /// [`QUEUE_CAP`] requests wait for a worker: the kernel's queue holds
+    /// the rest). `stats`, oversized datagrams and, with `--workers 0`,
+    /// every request are answered here; the others are queued for dispatch.
+    pub(super) fn read_datagrams(&mut self, now: Instant) {
+        if !self.ready.datagrams || !matches!(self.phase, Phase::Running) {
+            return;
+        }
+        for _ in 0..RECV_ROUNDS {
+            if self.dispatcher.len() >= QUEUE_CAP {
+                return;
+            }
+            let got = match self.recv.recv(&self.responder.socket) {
+                Ok(n) => n,
+                Err(e) => {
+                    log::warn!("recvmmsg: {e}");
+                    return;
+                }
+            };
+            if got == 0 {
+                return;
+            }
+            let now_us = journal::now_unix_us();
+            self.ledger.totals.received += got as u64;
+            for d in self.recv.iter() {
+                if d.truncated {
+                    self.responder
+                        .too_large(d.payload, d.from, self.cfg.max_datagram);
+                    self.ledger.record(
+                        d.from,
+                        now,
+                        now_us,
+                        Op::Invalid,
+                        None,
+                        Outcome::Error(ErrorCode::TooLarge),
+                        b"",
+                        now,
+                    );
+                    continue;
+                }
+                if protocol::request::may_be_stats(d.payload) {
+                    if let Some(p) = protocol::parse(d.payload) {
+                        if p.request == Ok(Request::Stats) {
+                            let body = super::stats::stats_json(self, now);
+                            answer_stats(
+                                &mut self.responder,
+                                &mut self.ledger,
+                                &body,
+                                d.from,
+                                p.id,
+                                now,
+                                now_us,
+                            );
+                            continue;
+                        }
+                    }
+                }
+                if self.cfg.workers == 0 {
+                    answer_inline(
+                        &mut self.responder,
+                        &mut self.ledger,
+                        self.master_pid,
+                        d.from,
+                        d.payload,
+                        now,
+                        now_us,
+                    );
+                    continue;
+                }
+                let req = InFlight {
+                    seq: self.next_seq,
+                    client: d.from,
+                    received: now,
+                    received_unix_us: now_us,
+                    dispatched: now,
+                    payload: self.ledger.keep_payload(d.payload),
+                    redispatched: false,
+                };
+                self.next_seq += 1;
+                self.dispatcher.push(req, ErrorCode::Busy);
+            }
+            if got < RECV_BATCH {
+                return;
+            }
+        }
+    }
+
+    /// Places queued requests on workers ([`crate::pool::Dispatcher::place`]);
+    /// answers those that found no room, and while stopping answers every
+    /// one `shutting_down`.
+    pub(super) fn dispatch(&mut self, now: Instant) {
+        let mut refused = std::mem::take(&mut self.refused);
+        if self.accepting() {
+            self.dispatcher
+                .place(&mut self.slots, self.cfg.max_inflight, now, &mut refused);
+        } else {
+            self.dispatcher.drain(&mut refused);
+            for p in &mut refused {
+                p.if_unplaced = ErrorCode::ShuttingDown;
+            }
+        }
+        for p in refused.drain(..) {
+            self.fail(p.req, p.if_unplaced, now);
+        }
+        self.refused = refused;
+    }
+
+    /// Answers `req` with an error made by the master, counts and journals
+    /// it, and recycles its buffer.
+    pub(super) fn fail(&mut self, req: InFlight, code: ErrorCode, now: Instant) {
+        let timeout_msg;
+        let msg = match code {
+            ErrorCode::Busy => "every worker is full; try again shortly",
+            ErrorCode::WorkerCrashed => "the worker answering this request died",
+            ErrorCode::ShuttingDown => "the server is stopping",
+            ErrorCode::Timeout => {
+                timeout_msg = format!(
+                    "no answer within {} ms",
+                    self.cfg.request_timeout.as_millis()
+                );
+                &timeout_msg
+            }
+            _ => code.as_str(),
+        };
+        self.ledger.fail(&mut self.responder, req, code, msg, now);
+    }
+}
+
+/// `stats`: answered by the master at once, never queued behind work.
+fn answer_stats(
+    responder: &mut Responder,
+    ledger: &mut Ledger,
+    body: &serde_json::Map<String, serde_json::Value>,
+    to: SocketAddr,
+    id: Option<&str>,
+    now: Instant,
+    now_us: i64,
+) {
+    responder.ensure_room();
+    protocol::reply::write_json_ok(Op::Stats, body, id, responder.batch.next_buf());
+    responder.batch.commit(to);
+    let id = id.unwrap_or("").as_bytes();
+    ledger.record(to, now, now_us, Op::Stats, None, Outcome::Ok, id, now);
+}
+
+/// `--workers 0`: the master answers with the same function a worker uses;
+/// its loop never blocks and never aborts, so `sleep` and `crash` are
+/// refused (`disabled`).
+fn answer_inline(
+    responder: &mut Responder,
+    ledger: &mut Ledger,
+    pid: u32,
+    client: SocketAddr,
+    payload: &[u8],
+    now: Instant,
+    now_us: i64,
+) {
+    let ctx = ReplyContext {
+        worker_pid: pid,
+        client,
+    };
+    // The inline host never fails and never abandons a request.
+    let Ok(Some(done)) = answer::answer(payload, &ctx, &mut InlineHost(responder)) else {
+        return;
+    };
+    if done.outcome != Outcome::NoReply {
+        responder.batch.commit(client);
+    }
+    ledger.record(
+        client,
+        now,
+        now_us,
+        done.op,
+        Some(pid),
+        done.outcome,
+        done.id,
+        Instant::now(),
+    );
+}
+
+/// The master as the host of inline answers.
+struct InlineHost<'r>(&'r mut Responder);
+
+impl answer::Host for InlineHost<'_> {
+    type Error = std::convert::Infallible;
+
+    fn perform(&mut self, effect: Effect) -> Result<Verdict, Self::Error> {
+        Ok(Verdict::Refused(match effect {
+            Effect::Sleep { .. } => {
+                "op sleep would stall the master: it needs a worker pool (--workers 1 or more)"
+            }
+            Effect::Crash => "op crash is disabled with --workers 0: the master never aborts",
+        }))
+    }
+
+    fn reply_buf(&mut self) -> Result<&mut Vec<u8>, Self::Error> {
+        self.0.ensure_room();
+        Ok(self.0.batch.next_buf())
+    }
+}
