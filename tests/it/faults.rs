@@ -170,7 +170,13 @@ fn killing_a_worker_every_50_ms_loses_no_request() {
 #[test]
 fn a_hung_worker_is_killed_and_its_request_gets_timeout() {
     let _g = harness::exclusive();
-    let s = Server::start(&["--workers", "4", "--request-timeout-ms", "500"]);
+    let s = Server::start(&[
+        "--enable-fault-injection",
+        "--workers",
+        "4",
+        "--request-timeout-ms",
+        "500",
+    ]);
     let before = s.workers();
     let c = s.client();
     let sent = Instant::now();
@@ -256,7 +262,7 @@ fn a_crash_request_is_disabled_without_fault_injection() {
 #[test]
 fn stats_answers_within_300_ms_while_every_worker_sleeps() {
     let _g = harness::exclusive();
-    let s = Server::start(&["--workers", "4"]);
+    let s = Server::start(&["--enable-fault-injection", "--workers", "4"]);
     let sleeper = s.client();
     for i in 0..4 {
         sleeper.send(format!(r#"{{"op":"sleep","ms":2000,"id":{i}}}"#).as_bytes());
@@ -368,7 +374,13 @@ fn flood(server: std::net::SocketAddr, count: u64, for_at_most: Duration) -> Flo
 fn a_flood_gets_busy_replies_in_bounded_memory_then_normal_service() {
     const RSS_BOUND_KIB: u64 = 64 * 1024;
     let _g = harness::exclusive();
-    let s = Server::start(&["--workers", "2", "--max-inflight", "4"]);
+    let s = Server::start(&[
+        "--enable-fault-injection",
+        "--workers",
+        "2",
+        "--max-inflight",
+        "4",
+    ]);
     let master = s.pid();
     let rss_before = rss_kib(master).unwrap_or(0);
     let addr = s.addr();
@@ -513,7 +525,13 @@ fn stats_reports_the_pool_its_workers_and_totals() {
 #[test]
 fn busy_is_answered_at_once_when_every_worker_is_full() {
     let _g = harness::shared();
-    let s = Server::start(&["--workers", "1", "--max-inflight", "1"]);
+    let s = Server::start(&[
+        "--enable-fault-injection",
+        "--workers",
+        "1",
+        "--max-inflight",
+        "1",
+    ]);
     let c = s.client();
     c.send(br#"{"op":"sleep","ms":1500,"id":"slow"}"#);
     s.wait_until("the sleep is in flight", EVENTUALLY, |s| {
@@ -565,7 +583,7 @@ fn mixed_stream(n: usize) -> (Vec<Option<String>>, Vec<String>) {
 #[test]
 fn kills_hup_ttin_and_ttou_together_lose_no_request() {
     let _g = harness::exclusive();
-    let s = Server::start(&["--workers", "4"]);
+    let s = Server::start(&["--enable-fault-injection", "--workers", "4"]);
     let (numbers, requests) = mixed_stream(5000);
     let stop = Arc::new(AtomicBool::new(false));
     let master = s.pid();

@@ -761,6 +761,11 @@ impl Client {
         Client { socket, server }
     }
 
+    /// Its socket, to read what it was sent.
+    pub fn socket(&self) -> &UdpSocket {
+        &self.socket
+    }
+
     /// The client's own address.
     pub fn local_addr(&self) -> SocketAddr {
         self.socket.local_addr().expect("local_addr")

@@ -307,7 +307,7 @@ fn parse_text_report(text: &str) -> Option<(u64, Vec<(String, u64)>)> {
 #[test]
 fn every_request_has_a_row_naming_the_worker_its_reply_named() {
     let _g = harness::shared();
-    let j = Journaled::start(&["--workers", "3"]);
+    let j = Journaled::start(&["--enable-fault-injection", "--workers", "3"]);
     let s = &j.server;
     s.wait_pool(3, EVENTUALLY);
     let workers = s.worker_pids();

@@ -46,7 +46,7 @@ fn sigterm_exits_0_and_leaves_no_worker() {
 #[test]
 fn sigterm_answers_the_requests_in_flight() {
     let _g = harness::exclusive();
-    let s = Server::start(&["--workers", "4"]);
+    let s = Server::start(&["--enable-fault-injection", "--workers", "4"]);
     let c = s.client();
     let ids = ["\"s1\"", "\"s2\"", "\"s3\"", "\"s4\""];
     for id in ids {
@@ -272,7 +272,7 @@ fn replies(s: &Server, c: &harness::Client, n: usize, deadline: Duration) -> Vec
 #[test]
 fn a_second_sigterm_stops_at_once_and_answers_shutting_down() {
     let _g = harness::shared();
-    let s = Server::start(&["--workers", "2"]);
+    let s = Server::start(&["--enable-fault-injection", "--workers", "2"]);
     let c = s.client();
     sleeps_in_flight(&s, &c, 2, 8000);
     s.signal(Signal::SIGTERM);
@@ -297,7 +297,13 @@ fn a_second_sigterm_stops_at_once_and_answers_shutting_down() {
 #[test]
 fn the_graceful_timeout_ends_a_drain_and_every_request_is_answered() {
     let _g = harness::shared();
-    let s = Server::start(&["--workers", "2", "--graceful-timeout", "1"]);
+    let s = Server::start(&[
+        "--enable-fault-injection",
+        "--workers",
+        "2",
+        "--graceful-timeout",
+        "1",
+    ]);
     let workers = s.workers();
     let c = s.client();
     sleeps_in_flight(&s, &c, 2, 8000);
@@ -323,7 +329,7 @@ fn the_graceful_timeout_ends_a_drain_and_every_request_is_answered() {
 #[test]
 fn ttou_lets_the_retiring_worker_answer_what_it_holds() {
     let _g = harness::shared();
-    let s = Server::start(&["--workers", "4"]);
+    let s = Server::start(&["--enable-fault-injection", "--workers", "4"]);
     let c = s.client();
     sleeps_in_flight(&s, &c, 4, 1000);
     s.signal(Signal::SIGTTOU);

@@ -11,11 +11,16 @@
 //! * [`lifecycle`]: signals (TERM, KILL of the master, HUP, TTIN/TTOU) and
 //!   `--max-requests`.
 //! * [`journal`]: the SQLite journal and `master report`.
+//! * [`hostile`]: issue 9's acceptance: untrusted sources (127.0.0.2 and
+//!   the rest of 127/8 with `--trusted 127.0.0.1`): the amplification bound,
+//!   `stats` forbidden, the rate limit, `sleep` off by default, a flood from
+//!   100,000 addresses.
 //! * [`one_reply`]: exactly one reply per request on every stop path and
 //!   timeout; signals as documented; a loop that never stalls.
 
 mod faults;
 mod harness;
+mod hostile;
 mod journal;
 mod lifecycle;
 mod one_reply;

@@ -99,7 +99,13 @@ fn stop_under_load(what: &str, args: &[&str], stop: impl Fn(&Server)) {
 fn stop_round(what: &str, args: &[&str], stop: &impl Fn(&Server)) {
     let dir = TempDir::new().expect("temp dir");
     let path = dir.path().join("j.db");
-    let mut full = vec!["--workers", "4", "--journal", path.to_str().expect("utf-8")];
+    let mut full = vec![
+        "--enable-fault-injection",
+        "--workers",
+        "4",
+        "--journal",
+        path.to_str().expect("utf-8"),
+    ];
     full.extend_from_slice(args);
     let s = Server::start(&full);
     let requests = mixed_requests(20_000);
@@ -202,7 +208,13 @@ fn the_graceful_timeout_under_load_answers_each_request_once() {
 #[test]
 fn only_the_hung_request_gets_timeout_and_the_queue_behind_it_is_answered() {
     let _g = harness::shared();
-    let s = Server::start(&["--workers", "1", "--request-timeout-ms", "500"]);
+    let s = Server::start(&[
+        "--enable-fault-injection",
+        "--workers",
+        "1",
+        "--request-timeout-ms",
+        "500",
+    ]);
     let old = s.worker_pids();
     let c = s.client();
     c.send(br#"{"op":"sleep","ms":5000,"id":"hung"}"#);
@@ -295,7 +307,13 @@ fn a_worker_sent_sigterm_answers_what_it_holds_exits_0_and_is_replaced() {
     let _g = harness::shared();
     let dir = TempDir::new().expect("temp dir");
     let path = dir.path().join("j.db");
-    let s = Server::start(&["--workers", "1", "--journal", path.to_str().expect("utf-8")]);
+    let s = Server::start(&[
+        "--enable-fault-injection",
+        "--workers",
+        "1",
+        "--journal",
+        path.to_str().expect("utf-8"),
+    ]);
     let worker = s.worker_pids()[0];
     let c = s.client();
     for i in 0..3 {
@@ -348,7 +366,7 @@ fn a_worker_sent_sigterm_answers_what_it_holds_exits_0_and_is_replaced() {
 #[test]
 fn inline_mode_answers_sleep_disabled_at_once() {
     let _g = harness::shared();
-    let s = Server::start(&["--workers", "0"]);
+    let s = Server::start(&["--enable-fault-injection", "--workers", "0"]);
     let c = s.client();
     let asked = Instant::now();
     let r = c

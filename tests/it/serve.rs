@@ -206,7 +206,13 @@ fn text_squares_and_greetings_name_a_worker() {
 #[test]
 fn bad_inputs_get_error_replies_and_the_same_workers_keep_serving() {
     let _g = harness::shared();
-    let s = Server::start(&["--workers", "4", "--max-datagram", "65507"]);
+    let s = Server::start(&[
+        "--enable-fault-injection",
+        "--workers",
+        "4",
+        "--max-datagram",
+        "65507",
+    ]);
     let before = s.workers();
     let workers = s.worker_pids();
     s.check(before.len() == 4, || {

@@ -33,6 +33,7 @@ use nix::sys::wait::waitpid;
 use std::os::fd::AsFd;
 
 use crate::backoff::CrashLoop;
+use crate::guard::Guard;
 use crate::journal::Journal;
 use crate::ledger::{Ledger, Responder};
 use crate::pool::{self, Dispatcher, Pending, WorkerSlot};
@@ -82,6 +83,14 @@ pub struct Config {
     pub journal: Option<PathBuf>,
     /// Rows the journal keeps.
     pub journal_max_rows: u64,
+    /// Sources with no reply bound and no rate limit.
+    pub trusted: Vec<ipnet::IpNet>,
+    /// Replies to other sources are at most this many times their request.
+    pub amplification_factor: u32,
+    /// Replies per second per prefix for other sources (0: no limit).
+    pub rate_limit: u32,
+    /// Every N-th datagram over the limit gets `rate_limited` (0: none).
+    pub rate_limit_slip: u32,
 }
 
 /// Where the master is in its life.
@@ -125,6 +134,7 @@ pub struct Arbiter {
     recv: RecvBatch,
     responder: Responder,
     ledger: Ledger,
+    guard: Guard,
     slots: Vec<WorkerSlot>,
     /// Requests read (or taken back from a stopped worker) and not placed.
     dispatcher: Dispatcher,
@@ -138,6 +148,9 @@ pub struct Arbiter {
     phase: Phase,
     /// A SIGCHLD or a pipe's end of stream says some worker may be reapable.
     reap_due: bool,
+    /// Workers `manage_workers` started this turn: while the pool grows,
+    /// requests wait for it rather than get `busy`.
+    spawned_this_turn: usize,
     crash_loop: CrashLoop,
     started: Instant,
     rng: u64,
@@ -180,6 +193,12 @@ impl Arbiter {
             recv: RecvBatch::new(RECV_BATCH, cfg.max_datagram),
             responder: Responder::new(socket),
             ledger: Ledger::new(journal),
+            guard: Guard::new(
+                cfg.trusted.clone(),
+                cfg.amplification_factor,
+                cfg.rate_limit,
+                cfg.rate_limit_slip,
+            ),
             slots: Vec::new(),
             dispatcher: Dispatcher::default(),
             refused: Vec::new(),
@@ -190,6 +209,7 @@ impl Arbiter {
                 deadline: now + BOOT_TIMEOUT,
             },
             reap_due: false,
+            spawned_this_turn: 0,
             crash_loop: CrashLoop::default(),
             started: now,
             rng: u64::from(std::process::id()) ^ 0x9e37_79b9_7f4a_7c15,
@@ -235,13 +255,9 @@ impl Arbiter {
     }
 
     /// Sleeps until something is ready or the next deadline, and notes what
-    /// is ready. With requests waiting for a worker it does not sleep.
+    /// is ready.
     fn wait_for_events(&mut self) -> anyhow::Result<()> {
-        let timeout = if self.dispatcher.is_empty() {
-            self.next_wakeup(Instant::now())
-        } else {
-            0
-        };
+        let timeout = self.next_wakeup(Instant::now());
         let n = match self.epoll.wait(&mut self.events, timeout) {
             Ok(n) => n,
             Err(Errno::EINTR) => 0,
@@ -272,6 +288,7 @@ impl Arbiter {
             Phase::Running | Phase::Stopped => None,
         };
         let until = [
+            self.dispatcher.next_deadline(),
             pool::next_timeout(&self.slots, self.cfg.request_timeout),
             self.crash_loop.next_spawn_at(),
             phase_deadline,

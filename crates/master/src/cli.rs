@@ -82,4 +82,39 @@ pub struct ServeArgs {
     /// Rows of the `requests` table kept; older ones are deleted in batches.
     #[arg(long, default_value_t = 1_000_000, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub journal_max_rows: u64,
+
+    /// Sources whose replies have no bound and no rate limit; `none` trusts
+    /// no one. Anyone else may be a forged address (see docs/SECURITY.md).
+    #[arg(long, value_name = "CIDR", num_args = 1.., value_delimiter = ',',
+          default_values = ["127.0.0.0/8", "::1/128"], value_parser = parse_trusted)]
+    pub trusted: Vec<Option<ipnet::IpNet>>,
+
+    /// No reply to a source outside --trusted is larger than this many
+    /// times the datagram it sent (QUIC's rule: 3).
+    #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub amplification_factor: u32,
+
+    /// Replies per second per source prefix (/24, /56) outside --trusted,
+    /// with a burst of one second's worth; 0 turns the limit off.
+    #[arg(long, default_value_t = 200, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
+    pub rate_limit: u32,
+
+    /// Over the rate limit, every N-th datagram gets a short `rate_limited`
+    /// error (the rest no reply); 0: none does.
+    #[arg(long, default_value_t = 2, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub rate_limit_slip: u32,
+}
+
+/// A `--trusted` value: a CIDR (`10.0.0.0/8`), a bare address (a /32 or
+/// /128), or `none`.
+fn parse_trusted(s: &str) -> Result<Option<ipnet::IpNet>, String> {
+    if s == "none" {
+        return Ok(None);
+    }
+    if let Ok(net) = s.parse::<ipnet::IpNet>() {
+        return Ok(Some(net.trunc()));
+    }
+    s.parse::<std::net::IpAddr>()
+        .map(|ip| Some(ipnet::IpNet::from(ip)))
+        .map_err(|_| format!("{s:?} is not a CIDR (like 10.0.0.0/8), an address, or none"))
 }

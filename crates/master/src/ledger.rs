@@ -28,8 +28,14 @@ pub struct Totals {
     pub timeouts: u64,
     /// Workers started after the initial pool (replacements, reloads, scaling).
     pub restarts: u64,
-    /// Requests handed to a second worker after their first one died.
+    /// Requests taken back from a worker that ended without answering them,
+    /// to be handed to another.
     pub redispatched: u64,
+    /// Replies not sent: larger than the amplification bound of a source
+    /// outside `--trusted`.
+    pub withheld: u64,
+    /// Datagrams not answered: their source was over `--rate-limit`.
+    pub dropped: u64,
 }
 
 impl Totals {
@@ -94,6 +100,8 @@ impl Ledger {
             Outcome::Ok => self.totals.ok += 1,
             Outcome::Error(code) => self.totals.errors[code as usize] += 1,
             Outcome::NoReply => self.totals.no_reply += 1,
+            Outcome::Withheld => self.totals.withheld += 1,
+            Outcome::Dropped => self.totals.dropped += 1,
         }
         if self.journal.is_some() {
             self.rows.push(RequestRow {
@@ -127,18 +135,15 @@ impl Ledger {
         message: &str,
         now: Instant,
     ) {
-        let (op, id) = responder.error_for(&req.payload, req.client, code, message);
+        let (op, id, outcome) =
+            responder.error_for(&req.payload, req.client, code, message, req.reply_limit);
         self.record(
             req.client,
             req.received,
             req.received_unix_us,
             op,
             None,
-            if op == Op::Invalid && req.payload.is_empty() {
-                Outcome::NoReply
-            } else {
-                Outcome::Error(code)
-            },
+            outcome,
             id.as_bytes(),
             now,
         );
@@ -168,46 +173,71 @@ impl Responder {
     }
 
     /// Queues the error reply `code` for the datagram `payload` from
-    /// `client` (in its dialect, echoing its id). An empty datagram gets no
-    /// reply. Returns the request's op and id for the books.
+    /// `client` (in its dialect, echoing its id), held to `reply_limit`
+    /// bytes. An empty datagram gets no reply. Returns the request's op, id
+    /// and outcome for the books.
     pub fn error_for<'p>(
         &mut self,
         payload: &'p [u8],
         client: SocketAddr,
         code: ErrorCode,
         message: &str,
-    ) -> (Op, &'p str) {
+        reply_limit: u32,
+    ) -> (Op, &'p str, Outcome) {
         let Some(parsed) = protocol::parse(payload) else {
-            return (Op::Invalid, "");
+            return (Op::Invalid, "", Outcome::NoReply);
         };
-        self.ensure_room();
-        protocol::write_error(
+        let outcome = self.error(
             parsed.dialect,
             parsed.id,
             code,
             message,
-            None,
-            self.batch.next_buf(),
+            reply_limit,
+            client,
         );
-        self.batch.commit(client);
-        (parsed.op(), parsed.id.unwrap_or(""))
+        (parsed.op(), parsed.id.unwrap_or(""), outcome)
     }
 
     /// Queues a `too_large` reply for a datagram cut at `--max-datagram`:
     /// its id cannot be trusted, so none is echoed.
-    pub fn too_large(&mut self, first_bytes: &[u8], client: SocketAddr, limit: usize) {
+    pub fn too_large(
+        &mut self,
+        first_bytes: &[u8],
+        client: SocketAddr,
+        max_datagram: usize,
+        reply_limit: u32,
+    ) -> Outcome {
         let dialect = protocol::request::dialect_of(first_bytes);
-        let msg = format!("datagram is over the limit of {limit} bytes (--max-datagram)");
-        self.ensure_room();
-        protocol::write_error(
+        let msg = format!("datagram is over the limit of {max_datagram} bytes (--max-datagram)");
+        self.error(
             dialect,
             None,
             ErrorCode::TooLarge,
             &msg,
-            None,
-            self.batch.next_buf(),
-        );
-        self.batch.commit(client);
+            reply_limit,
+            client,
+        )
+    }
+
+    /// Queues an error reply held to `reply_limit` bytes (compact, or not
+    /// sent at all, past it); returns its outcome.
+    pub fn error(
+        &mut self,
+        dialect: protocol::Dialect,
+        id: Option<&str>,
+        code: ErrorCode,
+        message: &str,
+        reply_limit: u32,
+        client: SocketAddr,
+    ) -> Outcome {
+        self.ensure_room();
+        let out = self.batch.next_buf();
+        let outcome = protocol::write_error(dialect, id, code, message, None, out);
+        let outcome = protocol::bound_reply(outcome, dialect, id, reply_limit as usize, out);
+        if outcome.sent() {
+            self.batch.commit(client);
+        }
+        outcome
     }
 
     /// Makes room for one more reply, sending the batch if it is full.

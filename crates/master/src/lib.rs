@@ -10,6 +10,8 @@
 //!   decisions over them (dispatch, the pool plan, deadlines, settling).
 //! * [`backoff`]: crash-loop detection and the respawn back-off.
 //! * [`exit`]: how a worker's life ended (exit status and reason).
+//! * [`guard`]: trusted sources, the amplification bound, the rate limit.
+//! * [`ratelimit`]: per-prefix token buckets in a table of fixed size.
 //! * [`spawn`]: fork and exec of one worker with its pipes.
 //! * [`udp`]: the server socket.
 //! * [`signals`]: signals through a signalfd.
@@ -21,9 +23,11 @@ pub mod arbiter;
 pub mod backoff;
 pub mod cli;
 pub mod exit;
+pub mod guard;
 pub mod journal;
 pub mod ledger;
 pub mod pool;
+pub mod ratelimit;
 pub mod report;
 pub mod signals;
 pub mod spawn;
@@ -59,6 +63,10 @@ pub fn serve(args: &cli::ServeArgs) -> anyhow::Result<()> {
         fault_injection: args.enable_fault_injection,
         journal: (args.journal != "none").then(|| PathBuf::from(&args.journal)),
         journal_max_rows: args.journal_max_rows,
+        trusted: args.trusted.iter().flatten().copied().collect(),
+        amplification_factor: args.amplification_factor,
+        rate_limit: args.rate_limit,
+        rate_limit_slip: args.rate_limit_slip,
     };
     if cfg.workers == 0 && cfg.fault_injection {
         log::warn!(

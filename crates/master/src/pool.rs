@@ -31,6 +31,8 @@ pub struct InFlight {
     /// from here, so a request re-dispatched after its worker was killed
     /// gets a whole timeout at the next one.
     pub dispatched: Instant,
+    /// The largest reply its source may get (`u32::MAX`: trusted, no bound).
+    pub reply_limit: u32,
     /// The datagram, kept so it can be re-dispatched if the worker dies.
     pub payload: Vec<u8>,
     /// Already re-dispatched once after a crash: a second crash fails it.
@@ -167,7 +169,13 @@ impl WorkerSlot {
     /// Queues `req` for this worker (a REQUEST frame in its outbox).
     pub fn assign(&mut self, mut req: InFlight, now: Instant) {
         req.dispatched = now;
-        frame::encode_request(req.seq, req.client, &req.payload, &mut self.outbox);
+        frame::encode_request(
+            req.seq,
+            req.reply_limit,
+            req.client,
+            &req.payload,
+            &mut self.outbox,
+        );
         self.inflight.push_back(req);
         self.dispatched += 1;
     }
@@ -212,10 +220,14 @@ pub struct Pending {
     pub req: InFlight,
     /// The error it gets if no worker can take it.
     pub if_unplaced: ErrorCode,
-    /// It already found every worker full in a turn: it gets no further
-    /// chance unless the pool makes progress.
-    pub waited: bool,
+    /// When it first found every worker full.
+    pub since: Option<Instant>,
 }
+
+/// How long a request may wait in the master for a worker with room
+/// before it is answered `busy` (or its error), unless the pool is growing.
+/// Under overload clients hear `busy` at once instead of waiting in a queue.
+pub const BUSY_AFTER: Duration = Duration::from_millis(2);
 
 /// Requests waiting for a worker, oldest first, and the round-robin cursor.
 #[derive(Debug, Default)]
@@ -230,7 +242,7 @@ impl Dispatcher {
         self.queue.push_back(Pending {
             req,
             if_unplaced,
-            waited: false,
+            since: None,
         });
     }
 
@@ -245,17 +257,18 @@ impl Dispatcher {
     }
 
     /// Places waiting requests, oldest first, while some worker has room;
-    /// returns how many were placed. The rest found every worker full: they
-    /// wait while the pool makes progress (completions free room, a new
-    /// worker starts), each turn that places at least one; a request that
-    /// already waited a turn and finds a turn that places none goes to
-    /// `refused`, to be answered with its error. So `busy` is answered
-    /// within two turns of the loop, never after a queue builds up.
+    /// returns how many were placed. The rest found every worker full: each
+    /// waits up to [`BUSY_AFTER`] for room (completions free slots within
+    /// microseconds under normal load), longer only while the pool is
+    /// `growing` (workers were started this turn, as `--max-requests 1`
+    /// does for every request); after that it goes to `refused`, to be
+    /// answered with its error.
     pub fn place(
         &mut self,
         slots: &mut [WorkerSlot],
         max_inflight: usize,
         now: Instant,
+        growing: bool,
         refused: &mut Vec<Pending>,
     ) -> usize {
         let mut placed = 0;
@@ -268,15 +281,26 @@ impl Dispatcher {
             self.rr = i + 1;
             placed += 1;
         }
-        if placed == 0 {
-            while self.queue.front().is_some_and(|p| p.waited) {
+        if !growing {
+            while self
+                .queue
+                .front()
+                .is_some_and(|p| p.since.is_some_and(|t| now >= t + BUSY_AFTER))
+            {
                 refused.push(self.queue.pop_front().expect("not empty"));
             }
         }
         for p in &mut self.queue {
-            p.waited = true;
+            p.since.get_or_insert(now);
         }
         placed
+    }
+
+    /// When the oldest waiting request's wait for room ends.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.queue
+            .front()
+            .map(|p| p.since.map_or(Instant::now(), |t| t + BUSY_AFTER))
     }
 
     /// Takes every waiting request out (the server is stopping).
@@ -416,6 +440,7 @@ mod tests {
             received: at,
             received_unix_us: 0,
             dispatched: at,
+            reply_limit: u32::MAX,
             payload: b"7".to_vec(),
             redispatched: false,
         }
@@ -455,29 +480,33 @@ mod tests {
     }
 
     #[test]
-    fn busy_comes_after_a_turn_without_progress() {
+    fn busy_comes_after_a_short_wait_for_room() {
         let t = Instant::now();
         let mut slots = vec![slot(0, SlotState::Ready, 1)];
         let mut d = Dispatcher::default();
         let mut refused = Vec::new();
         d.push(req(1, t), ErrorCode::Busy);
-        // Full: it waits one turn.
-        assert_eq!(d.place(&mut slots, 1, t, &mut refused), 0);
+        // Full: it waits.
+        assert_eq!(d.place(&mut slots, 1, t, false, &mut refused), 0);
         assert!(refused.is_empty() && d.len() == 1);
-        // The worker answered: the next turn places it.
+        assert_eq!(d.next_deadline(), Some(t + BUSY_AFTER));
+        // The worker answered within the wait: placed.
         slots[0].inflight.clear();
-        assert_eq!(d.place(&mut slots, 1, t, &mut refused), 1);
-        // Two more: one is placed... no, the worker is full again.
+        assert_eq!(d.place(&mut slots, 1, t, false, &mut refused), 1);
+        // Full again, and still full after the wait: refused.
         d.push(req(2, t), ErrorCode::Busy);
-        assert_eq!(d.place(&mut slots, 1, t, &mut refused), 0);
-        assert_eq!(d.place(&mut slots, 1, t, &mut refused), 0);
+        assert_eq!(d.place(&mut slots, 1, t, false, &mut refused), 0);
+        let later = t + BUSY_AFTER;
+        assert_eq!(d.place(&mut slots, 1, later, true, &mut refused), 0);
+        assert!(refused.is_empty(), "a growing pool keeps it waiting");
+        assert_eq!(d.place(&mut slots, 1, later, false, &mut refused), 0);
         assert_eq!(refused.len(), 1);
         assert_eq!(refused[0].req.seq, 2);
         assert!(d.is_empty());
     }
 
     #[test]
-    fn requests_wait_while_each_turn_places_some() {
+    fn requests_are_placed_in_order_as_room_appears() {
         let t = Instant::now();
         let mut slots = vec![slot(0, SlotState::Ready, 0)];
         let mut d = Dispatcher::default();
@@ -485,8 +514,9 @@ mod tests {
         for seq in 0..3 {
             d.push(req(seq, t), ErrorCode::Busy);
         }
-        for _ in 0..3 {
-            assert_eq!(d.place(&mut slots, 1, t, &mut refused), 1);
+        for seq in 0..3 {
+            assert_eq!(d.place(&mut slots, 1, t, false, &mut refused), 1);
+            assert_eq!(slots[0].inflight[0].seq, seq);
             slots[0].inflight.clear();
         }
         assert!(refused.is_empty() && d.is_empty());

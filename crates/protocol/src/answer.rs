@@ -6,7 +6,9 @@
 //! whether `crash` may abort (a worker with fault injection on), and where
 //! the reply is written. The function itself does no I/O.
 
-use crate::{parse, write_error, write_reply, ErrorCode, Op, Outcome, ReplyContext, Request};
+use crate::{
+    bound_reply, parse, write_error, write_reply, ErrorCode, Op, Outcome, ReplyContext, Request,
+};
 
 /// What a request does to the process that answers it, besides replying.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,9 +61,8 @@ pub trait Host {
 pub struct Answered<'p> {
     /// What was asked.
     pub op: Op,
-    /// How it ended. Anything but [`Outcome::NoReply`] means a reply was
-    /// written into the buffer [`Host::reply_buf`] gave, and the caller
-    /// sends it.
+    /// How it ended. When [`Outcome::sent`], a reply was written into the
+    /// buffer [`Host::reply_buf`] gave, and the caller sends it.
     pub outcome: Outcome,
     /// The request's raw JSON id, or empty.
     pub id: &'p [u8],
@@ -77,15 +78,17 @@ pub fn effect_of(request: &Request) -> Option<Effect> {
 }
 
 /// Answers `payload`: parses it, lets `host` perform its effect, and writes
-/// the reply into the host's buffer. `None`: the host abandoned the request
-/// (nothing written). An empty datagram gets no reply
-/// ([`Outcome::NoReply`], nothing written).
+/// the reply into the host's buffer, held to `reply_limit` bytes
+/// ([`bound_reply`]: a reply over it is [`Outcome::Withheld`]). `None`: the
+/// host abandoned the request (nothing written). An empty datagram gets no
+/// reply ([`Outcome::NoReply`], nothing written).
 ///
 /// # Errors
 /// Whatever the host's operations fail with.
 pub fn answer<'p, H: Host>(
     payload: &'p [u8],
     ctx: &ReplyContext,
+    reply_limit: usize,
     host: &mut H,
 ) -> Result<Option<Answered<'p>>, H::Error> {
     let Some(parsed) = parse(payload) else {
@@ -99,18 +102,22 @@ pub fn answer<'p, H: Host>(
         Some(effect) => host.perform(effect)?,
         None => Verdict::Done,
     };
+    if verdict == Verdict::Abandoned {
+        return Ok(None);
+    }
+    let out = host.reply_buf()?;
     let outcome = match verdict {
-        Verdict::Abandoned => return Ok(None),
-        Verdict::Done => write_reply(&parsed, ctx, host.reply_buf()?),
         Verdict::Refused(message) => write_error(
             parsed.dialect,
             parsed.id,
             ErrorCode::Disabled,
             message,
             Some(ctx.worker_pid),
-            host.reply_buf()?,
+            out,
         ),
+        _ => write_reply(&parsed, ctx, out),
     };
+    let outcome = bound_reply(outcome, parsed.dialect, parsed.id, reply_limit, out);
     Ok(Some(Answered {
         op: parsed.op(),
         outcome,
@@ -140,6 +147,8 @@ mod tests {
         }
     }
 
+    const NO_LIMIT: usize = usize::MAX;
+
     fn host(verdict: Verdict) -> Recorder {
         Recorder {
             verdict,
@@ -158,9 +167,14 @@ mod tests {
     #[test]
     fn a_plain_request_has_no_effect_and_is_answered() {
         let mut h = host(Verdict::Abandoned);
-        let a = answer(br#"{"op":"square","n":12,"id":7}"#, &ctx(), &mut h)
-            .unwrap()
-            .unwrap();
+        let a = answer(
+            br#"{"op":"square","n":12,"id":7}"#,
+            &ctx(),
+            NO_LIMIT,
+            &mut h,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(
             (a.op, a.outcome, a.id),
             (Op::Square, Outcome::Ok, &b"7"[..])
@@ -172,14 +186,14 @@ mod tests {
     #[test]
     fn a_sleep_goes_through_the_host() {
         let mut h = host(Verdict::Done);
-        let a = answer(br#"{"op":"sleep","ms":5}"#, &ctx(), &mut h)
+        let a = answer(br#"{"op":"sleep","ms":5}"#, &ctx(), NO_LIMIT, &mut h)
             .unwrap()
             .unwrap();
         assert_eq!(h.effects, vec![Effect::Sleep { ms: 5 }]);
         assert_eq!(a.outcome, Outcome::Ok);
         // A zero sleep blocks nothing.
         let mut h = host(Verdict::Abandoned);
-        answer(br#"{"op":"sleep","ms":0}"#, &ctx(), &mut h)
+        answer(br#"{"op":"sleep","ms":0}"#, &ctx(), NO_LIMIT, &mut h)
             .unwrap()
             .unwrap();
         assert!(h.effects.is_empty());
@@ -188,9 +202,14 @@ mod tests {
     #[test]
     fn a_refused_effect_is_answered_disabled() {
         let mut h = host(Verdict::Refused("not here"));
-        let a = answer(br#"{"op":"sleep","ms":5,"id":"s"}"#, &ctx(), &mut h)
-            .unwrap()
-            .unwrap();
+        let a = answer(
+            br#"{"op":"sleep","ms":5,"id":"s"}"#,
+            &ctx(),
+            NO_LIMIT,
+            &mut h,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(a.outcome, Outcome::Error(ErrorCode::Disabled));
         let text = String::from_utf8_lossy(&h.buf);
         assert!(
@@ -202,7 +221,10 @@ mod tests {
     #[test]
     fn an_abandoned_request_writes_nothing() {
         let mut h = host(Verdict::Abandoned);
-        assert_eq!(answer(br#"{"op":"crash"}"#, &ctx(), &mut h).unwrap(), None);
+        assert_eq!(
+            answer(br#"{"op":"crash"}"#, &ctx(), NO_LIMIT, &mut h).unwrap(),
+            None
+        );
         assert_eq!(h.effects, vec![Effect::Crash]);
         assert!(h.buf.is_empty());
     }
@@ -210,8 +232,28 @@ mod tests {
     #[test]
     fn an_empty_datagram_gets_no_reply() {
         let mut h = host(Verdict::Done);
-        let a = answer(b"", &ctx(), &mut h).unwrap().unwrap();
+        let a = answer(b"", &ctx(), NO_LIMIT, &mut h).unwrap().unwrap();
         assert_eq!(a.outcome, Outcome::NoReply);
         assert!(h.buf.is_empty());
+    }
+
+    #[test]
+    fn a_reply_over_the_amplification_bound_is_withheld_or_compact() {
+        // A greeting is 3x a short text datagram and more: withheld.
+        let mut h = host(Verdict::Done);
+        let a = answer(b"hi", &ctx(), 6, &mut h).unwrap().unwrap();
+        assert_eq!(a.outcome, Outcome::Withheld);
+        assert!(h.buf.is_empty());
+        // An error keeps its code and id when its message does not fit.
+        let mut h = host(Verdict::Done);
+        let req = br#"{"op":"nope","id":12345}"#;
+        let a = answer(req, &ctx(), 3 * req.len(), &mut h).unwrap().unwrap();
+        assert_eq!(a.outcome, Outcome::Error(ErrorCode::UnknownOp));
+        assert!(h.buf.len() <= 3 * req.len());
+        let text = String::from_utf8_lossy(&h.buf);
+        assert!(
+            text.contains("unknown_op") && text.contains("12345"),
+            "{text}"
+        );
     }
 }

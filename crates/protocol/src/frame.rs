@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! master -> worker (request pipe)
-//!   kind 1 REQUEST  seq:u64 family:u8 (4|6) ip:[u8;4|16] port:u16
+//!   kind 1 REQUEST  seq:u64 reply_limit:u32 family:u8 (4|6) ip:[u8;4|16] port:u16
 //!                   [v6 only: flowinfo:u32 scope_id:u32] payload:rest
 //! worker -> master (completion pipe)
 //!   kind 2 READY    pid:u32
@@ -58,6 +58,9 @@ pub enum ToWorker<'a> {
     Request {
         /// The master's sequence number, echoed in the completion.
         seq: u64,
+        /// The largest reply that may be sent ([`u32::MAX`]: no bound; for a
+        /// source outside `--trusted`, the amplification bound).
+        reply_limit: u32,
         /// Where the reply goes.
         client: SocketAddr,
         /// The datagram as received.
@@ -93,16 +96,23 @@ pub enum ToMaster<'a> {
 }
 
 /// Appends a REQUEST frame to `out`.
-pub fn encode_request(seq: u64, client: SocketAddr, payload: &[u8], out: &mut Vec<u8>) {
+pub fn encode_request(
+    seq: u64,
+    reply_limit: u32,
+    client: SocketAddr,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) {
     let addr_len = match client {
         SocketAddr::V4(_) => 1 + 4 + 2,
         SocketAddr::V6(_) => 1 + 16 + 2 + 8,
     };
-    let body = 1 + 8 + addr_len + payload.len();
+    let body = 1 + 8 + 4 + addr_len + payload.len();
     out.reserve(4 + body);
     out.extend_from_slice(&(body as u32).to_be_bytes());
     out.push(KIND_REQUEST);
     out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(&reply_limit.to_be_bytes());
     match client {
         SocketAddr::V4(a) => {
             out.push(4);
@@ -204,6 +214,7 @@ pub fn decode_to_worker(buf: &[u8]) -> Result<Option<(ToWorker<'_>, usize)>, Fra
     }
     let mut f = Fields(body, "request");
     let seq = u64::from_be_bytes(f.array()?);
+    let reply_limit = u32::from_be_bytes(f.array()?);
     let client = match f.u8()? {
         4 => {
             let ip = Ipv4Addr::from(f.array::<4>()?);
@@ -222,6 +233,7 @@ pub fn decode_to_worker(buf: &[u8]) -> Result<Option<(ToWorker<'_>, usize)>, Fra
     Ok(Some((
         ToWorker::Request {
             seq,
+            reply_limit,
             client,
             payload: f.0,
         },
@@ -375,8 +387,8 @@ mod tests {
         let v4: SocketAddr = "127.0.0.1:5555".parse().unwrap();
         let v6: SocketAddr = "[::1]:6666".parse().unwrap();
         let mut wire = Vec::new();
-        encode_request(1, v4, b"7", &mut wire);
-        encode_request(u64::MAX, v6, b"{\"op\":\"hello\"}", &mut wire);
+        encode_request(1, 21, v4, b"7", &mut wire);
+        encode_request(u64::MAX, u32::MAX, v6, b"{\"op\":\"hello\"}", &mut wire);
         let mut fb = FrameBuf::with_capacity(64);
         let mut got = Vec::new();
         for chunk in wire.chunks(3) {
@@ -384,19 +396,20 @@ mod tests {
             fb.filled(chunk.len());
             while let Some(ToWorker::Request {
                 seq,
+                reply_limit,
                 client,
                 payload,
             }) = fb.next_to_worker().unwrap()
             {
-                got.push((seq, client, payload.to_vec()));
+                got.push((seq, reply_limit, client, payload.to_vec()));
             }
         }
         fb.finish().unwrap();
         assert_eq!(
             got,
             vec![
-                (1, v4, b"7".to_vec()),
-                (u64::MAX, v6, b"{\"op\":\"hello\"}".to_vec())
+                (1, 21, v4, b"7".to_vec()),
+                (u64::MAX, u32::MAX, v6, b"{\"op\":\"hello\"}".to_vec())
             ]
         );
 

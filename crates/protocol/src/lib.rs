@@ -28,7 +28,7 @@ pub mod handoff;
 pub mod reply;
 pub mod request;
 
-pub use reply::{write_error, write_reply, ReplyContext};
+pub use reply::{bound_reply, write_error, write_reply, ReplyContext};
 pub use request::{parse, Parsed, ProtocolError, Request};
 
 /// The largest UDP payload that fits in one IPv4 datagram; a reply longer
@@ -116,11 +116,16 @@ pub enum ErrorCode {
     Disabled = 8,
     /// The server stopped before a worker could answer.
     ShuttingDown = 9,
+    /// The op is answered to trusted sources only (`stats` outside `--trusted`).
+    Forbidden = 10,
+    /// The source sent more than `--rate-limit` requests per second: most
+    /// get no reply, every `--rate-limit-slip`-th gets this one.
+    RateLimited = 11,
 }
 
 impl ErrorCode {
     /// Every code, in wire order.
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 11] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownOp,
         ErrorCode::OutOfRange,
@@ -130,6 +135,8 @@ impl ErrorCode {
         ErrorCode::Timeout,
         ErrorCode::Disabled,
         ErrorCode::ShuttingDown,
+        ErrorCode::Forbidden,
+        ErrorCode::RateLimited,
     ];
 
     /// The code as it appears in replies and in the journal.
@@ -144,6 +151,8 @@ impl ErrorCode {
             ErrorCode::Timeout => "timeout",
             ErrorCode::Disabled => "disabled",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 
@@ -162,16 +171,29 @@ pub enum Outcome {
     Error(ErrorCode),
     /// Nothing was sent, by design (an empty datagram).
     NoReply,
+    /// A reply was made but not sent: it was larger than the amplification
+    /// bound of a source outside `--trusted`.
+    Withheld,
+    /// Not answered: the source was over `--rate-limit`.
+    Dropped,
 }
 
 impl Outcome {
-    /// The outcome as one wire byte: 0 ok, 255 no reply, else the error code.
+    /// The outcome as one wire byte: 0 ok, 255 no reply, 254 withheld,
+    /// 253 dropped, else the error code.
     pub fn to_u8(self) -> u8 {
         match self {
             Outcome::Ok => 0,
             Outcome::Error(c) => c as u8,
             Outcome::NoReply => 255,
+            Outcome::Withheld => 254,
+            Outcome::Dropped => 253,
         }
+    }
+
+    /// Whether a reply went out.
+    pub fn sent(self) -> bool {
+        matches!(self, Outcome::Ok | Outcome::Error(_))
     }
 
     /// The outcome with this wire byte, if any.
@@ -179,6 +201,8 @@ impl Outcome {
         match b {
             0 => Some(Outcome::Ok),
             255 => Some(Outcome::NoReply),
+            254 => Some(Outcome::Withheld),
+            253 => Some(Outcome::Dropped),
             _ => ErrorCode::from_u8(b).map(Outcome::Error),
         }
     }
@@ -189,6 +213,8 @@ impl Outcome {
             Outcome::Ok => "ok",
             Outcome::Error(c) => c.as_str(),
             Outcome::NoReply => "no_reply",
+            Outcome::Withheld => "withheld",
+            Outcome::Dropped => "dropped",
         }
     }
 }
@@ -208,6 +234,8 @@ mod tests {
         }
         assert_eq!(Outcome::from_u8(0), Some(Outcome::Ok));
         assert_eq!(Outcome::from_u8(255), Some(Outcome::NoReply));
+        assert_eq!(Outcome::from_u8(254), Some(Outcome::Withheld));
+        assert_eq!(Outcome::from_u8(253), Some(Outcome::Dropped));
         assert_eq!(Outcome::from_u8(200), None);
     }
 }

@@ -157,6 +157,43 @@ pub fn write_error(
     Outcome::Error(code)
 }
 
+/// Holds a reply to `limit` bytes: the amplification bound for a source
+/// outside `--trusted` (QUIC's rule, RFC 9000 section 8: at most 3 times
+/// what the source sent). An error reply over the bound is written again
+/// in its compact form (its code only, then without its id too); a reply
+/// that still does not fit is withdrawn: `out` is cleared and the outcome
+/// becomes [`Outcome::Withheld`].
+pub fn bound_reply(
+    outcome: Outcome,
+    dialect: Dialect,
+    id: Option<&str>,
+    limit: usize,
+    out: &mut Vec<u8>,
+) -> Outcome {
+    if out.len() <= limit {
+        return outcome;
+    }
+    if let Outcome::Error(code) = outcome {
+        for id in [id, None] {
+            out.clear();
+            match dialect {
+                Dialect::Text => {
+                    let _ = write!(out, "error: {}", code.as_str());
+                }
+                Dialect::Json => {
+                    let _ = write!(out, r#"{{"ok":false,"error":"{}""#, code.as_str());
+                    close_id(id, out);
+                }
+            }
+            if out.len() <= limit {
+                return outcome;
+            }
+        }
+    }
+    out.clear();
+    Outcome::Withheld
+}
+
 fn write_json_error(
     code: ErrorCode,
     message: &str,
@@ -305,5 +342,46 @@ mod tests {
         let (text, outcome) = reply(&fits);
         assert_eq!(outcome, Outcome::Ok);
         assert_eq!(text.len(), 60_000);
+    }
+
+    #[test]
+    fn bound_reply_compacts_errors_then_withholds() {
+        let mut out = Vec::new();
+        let o = write_error(
+            Dialect::Json,
+            Some("7"),
+            ErrorCode::Busy,
+            "every worker is full; try again shortly",
+            None,
+            &mut out,
+        );
+        assert_eq!(bound_reply(o, Dialect::Json, Some("7"), 1000, &mut out), o);
+        assert!(out.len() > 40);
+        assert_eq!(bound_reply(o, Dialect::Json, Some("7"), 40, &mut out), o);
+        assert_eq!(out, br#"{"ok":false,"error":"busy","id":7}"#);
+        assert_eq!(bound_reply(o, Dialect::Json, Some("7"), 30, &mut out), o);
+        assert_eq!(out, br#"{"ok":false,"error":"busy"}"#);
+        assert_eq!(
+            bound_reply(o, Dialect::Json, Some("7"), 10, &mut out),
+            Outcome::Withheld
+        );
+        assert!(out.is_empty());
+        let mut out = b"error: busy: every worker is full".to_vec();
+        assert_eq!(
+            bound_reply(
+                Outcome::Error(ErrorCode::Busy),
+                Dialect::Text,
+                None,
+                12,
+                &mut out
+            ),
+            Outcome::Error(ErrorCode::Busy)
+        );
+        assert_eq!(out, b"error: busy");
+        let mut out = b"Hi 127.0.0.1:5555. This is server 42".to_vec();
+        assert_eq!(
+            bound_reply(Outcome::Ok, Dialect::Text, None, 3, &mut out),
+            Outcome::Withheld
+        );
     }
 }

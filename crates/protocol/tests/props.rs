@@ -209,7 +209,7 @@ fn check_datagram(datagram: &[u8], ctx: &ReplyContext) -> Vec<u8> {
             match outcome {
                 Outcome::Ok => assert!(reply.ok),
                 Outcome::Error(code) => assert_eq!(reply.error, Some(code)),
-                Outcome::NoReply => unreachable!(),
+                Outcome::NoReply | Outcome::Withheld | Outcome::Dropped => unreachable!(),
             }
             assert_eq!(reply.worker_pid, Some(ctx.worker_pid));
             let want = expected_id(datagram);
@@ -701,6 +701,7 @@ fn escaped_stats_is_seen_by_may_be_stats() {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct RequestFrame {
     seq: u64,
+    reply_limit: u32,
     client: SocketAddr,
     payload: Vec<u8>,
 }
@@ -713,19 +714,29 @@ enum MasterFrame {
 }
 
 fn all_outcomes() -> Vec<Outcome> {
-    let mut all = vec![Outcome::Ok, Outcome::NoReply];
+    let mut all = vec![
+        Outcome::Ok,
+        Outcome::NoReply,
+        Outcome::Withheld,
+        Outcome::Dropped,
+    ];
     all.extend(ErrorCode::ALL.iter().map(|c| Outcome::Error(*c)));
     all
 }
 
 fn request_frame() -> impl Strategy<Value = RequestFrame> {
-    (any::<u64>(), socket_addr(), vec(any::<u8>(), 0..300)).prop_map(|(seq, client, payload)| {
-        RequestFrame {
+    (
+        any::<u64>(),
+        any::<u32>(),
+        socket_addr(),
+        vec(any::<u8>(), 0..300),
+    )
+        .prop_map(|(seq, reply_limit, client, payload)| RequestFrame {
             seq,
+            reply_limit,
             client,
             payload,
-        }
-    })
+        })
 }
 
 fn master_frame() -> impl Strategy<Value = MasterFrame> {
@@ -747,7 +758,7 @@ fn encode_requests(frames: &[RequestFrame]) -> (Vec<u8>, Vec<usize>) {
     let mut wire = Vec::new();
     let mut ends = Vec::new();
     for f in frames {
-        encode_request(f.seq, f.client, &f.payload, &mut wire);
+        encode_request(f.seq, f.reply_limit, f.client, &f.payload, &mut wire);
         ends.push(wire.len());
     }
     (wire, ends)
@@ -818,10 +829,12 @@ fn take_request(fb: &mut FrameBuf) -> Result<Option<RequestFrame>, FrameError> {
     Ok(fb.next_to_worker()?.map(
         |ToWorker::Request {
              seq,
+             reply_limit,
              client,
              payload,
          }| RequestFrame {
             seq,
+            reply_limit,
             client,
             payload: payload.to_vec(),
         },
@@ -875,9 +888,12 @@ proptest! {
         prop_assert_eq!(&got, &frames);
         let mut at = 0;
         for f in &frames {
-            let (ToWorker::Request { seq, client, payload }, used) =
+            let (ToWorker::Request { seq, reply_limit, client, payload }, used) =
                 decode_to_worker(&wire[at..]).unwrap().unwrap();
-            prop_assert_eq!((seq, client, payload), (f.seq, f.client, &f.payload[..]));
+            prop_assert_eq!(
+                (seq, reply_limit, client, payload),
+                (f.seq, f.reply_limit, f.client, &f.payload[..])
+            );
             at += used;
         }
         prop_assert_eq!(at, wire.len());
@@ -978,11 +994,13 @@ fn a_maximal_datagram_fits_in_a_frame() {
     let frames = vec![
         RequestFrame {
             seq: 1,
+            reply_limit: u32::MAX,
             client,
             payload: vec![0xab; 65_527],
         },
         RequestFrame {
             seq: 2,
+            reply_limit: 3,
             client,
             payload: vec![b'7'],
         },

@@ -6,7 +6,7 @@ use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use anyhow::{bail, Context};
 use netio::ReplyBatch;
 use protocol::frame::{self, FrameBuf, ToWorker};
-use protocol::{Outcome, ReplyContext};
+use protocol::ReplyContext;
 
 use crate::signals;
 use protocol::answer::{self, Effect, Host, Verdict};
@@ -81,13 +81,14 @@ pub fn run(handoff: Handoff) -> anyhow::Result<()> {
         while !signals::quit_requested() {
             let Some(ToWorker::Request {
                 seq,
+                reply_limit,
                 client,
                 payload,
             }) = inbox.next_to_worker().context("request pipe")?
             else {
                 break;
             };
-            worker.answer(seq, client, payload)?;
+            worker.answer(seq, client, reply_limit, payload)?;
         }
         // Under QUIT too: replies already made leave with their completions.
         worker.flush()?;
@@ -106,22 +107,25 @@ struct Worker {
 }
 
 impl Worker {
-    /// Answers one request; a request abandoned on `QUIT` gets neither a
-    /// reply nor a completion, so the master answers it.
+    /// Answers one request, its reply held to `reply_limit` bytes (the
+    /// master's amplification bound for its source); a request abandoned
+    /// on `QUIT` gets neither a reply nor a completion, so the master
+    /// answers it.
     fn answer(
         &mut self,
         seq: u64,
         client: std::net::SocketAddr,
+        reply_limit: u32,
         payload: &[u8],
     ) -> anyhow::Result<()> {
         let ctx = ReplyContext {
             worker_pid: self.pid,
             client,
         };
-        let Some(done) = answer::answer(payload, &ctx, self)? else {
+        let Some(done) = answer::answer(payload, &ctx, reply_limit as usize, self)? else {
             return Ok(());
         };
-        if done.outcome != Outcome::NoReply {
+        if done.outcome.sent() {
             self.replies.commit(client);
         }
         frame::encode_done(seq, done.op, done.outcome, done.id, &mut self.done);
@@ -152,6 +156,11 @@ impl Host for Worker {
     /// leave first.
     fn perform(&mut self, effect: Effect) -> anyhow::Result<Verdict> {
         Ok(match effect {
+            // A sleep holds a worker's slot: anyone could fill the pool
+            // with them, so it is a test operation like `crash`.
+            Effect::Sleep { .. } if !self.fault_injection => Verdict::Refused(
+                "op sleep is disabled (start master with --enable-fault-injection)",
+            ),
             Effect::Sleep { ms } => {
                 self.flush()?;
                 if signals::sleep_unless_quit(std::time::Duration::from_millis(ms)) {

@@ -8,6 +8,7 @@ use protocol::answer::{self, Effect, Verdict};
 use protocol::{ErrorCode, Op, Outcome, ReplyContext, Request};
 
 use super::{Arbiter, Phase, QUEUE_CAP, RECV_BATCH, RECV_ROUNDS};
+use crate::guard::Admission;
 use crate::journal;
 use crate::ledger::{Ledger, Responder};
 use crate::pool::InFlight;
@@ -38,33 +39,83 @@ impl Arbiter {
             let now_us = journal::now_unix_us();
             self.ledger.totals.received += got as u64;
             for d in self.recv.iter() {
+                let reply_limit = match self.guard.admit(d.from, d.payload.len(), now) {
+                    Admission::Answer { reply_limit } => reply_limit,
+                    Admission::Slip { reply_limit } => {
+                        let (dialect, id) = protocol::parse(d.payload)
+                            .map_or((protocol::Dialect::Text, None), |p| (p.dialect, p.id));
+                        let outcome = self.responder.error(
+                            dialect,
+                            id,
+                            ErrorCode::RateLimited,
+                            "",
+                            reply_limit,
+                            d.from,
+                        );
+                        self.ledger.record(
+                            d.from,
+                            now,
+                            now_us,
+                            Op::Invalid,
+                            None,
+                            outcome,
+                            b"",
+                            now,
+                        );
+                        continue;
+                    }
+                    Admission::Drop => {
+                        let dropped = Outcome::Dropped;
+                        self.ledger.record(
+                            d.from,
+                            now,
+                            now_us,
+                            Op::Invalid,
+                            None,
+                            dropped,
+                            b"",
+                            now,
+                        );
+                        continue;
+                    }
+                };
                 if d.truncated {
-                    self.responder
-                        .too_large(d.payload, d.from, self.cfg.max_datagram);
-                    self.ledger.record(
+                    let outcome = self.responder.too_large(
+                        d.payload,
                         d.from,
-                        now,
-                        now_us,
-                        Op::Invalid,
-                        None,
-                        Outcome::Error(ErrorCode::TooLarge),
-                        b"",
-                        now,
+                        self.cfg.max_datagram,
+                        reply_limit,
                     );
+                    self.ledger
+                        .record(d.from, now, now_us, Op::Invalid, None, outcome, b"", now);
                     continue;
                 }
                 if protocol::request::may_be_stats(d.payload) {
                     if let Some(p) = protocol::parse(d.payload) {
                         if p.request == Ok(Request::Stats) {
-                            let body = super::stats::stats_json(self, now);
-                            answer_stats(
-                                &mut self.responder,
-                                &mut self.ledger,
-                                &body,
+                            let outcome = if reply_limit == u32::MAX {
+                                let body = super::stats::stats_json(self, now);
+                                answer_stats(&mut self.responder, &body, d.from, p.id)
+                            } else {
+                                self.responder.error(
+                                    p.dialect,
+                                    p.id,
+                                    ErrorCode::Forbidden,
+                                    "stats is for --trusted sources",
+                                    reply_limit,
+                                    d.from,
+                                )
+                            };
+                            let id = p.id.unwrap_or("").as_bytes();
+                            self.ledger.record(
                                 d.from,
-                                p.id,
                                 now,
                                 now_us,
+                                Op::Stats,
+                                None,
+                                outcome,
+                                id,
+                                now,
                             );
                             continue;
                         }
@@ -75,10 +126,9 @@ impl Arbiter {
                         &mut self.responder,
                         &mut self.ledger,
                         self.master_pid,
-                        d.from,
+                        (d.from, now, now_us),
                         d.payload,
-                        now,
-                        now_us,
+                        reply_limit,
                     );
                     continue;
                 }
@@ -88,6 +138,7 @@ impl Arbiter {
                     received: now,
                     received_unix_us: now_us,
                     dispatched: now,
+                    reply_limit,
                     payload: self.ledger.keep_payload(d.payload),
                     redispatched: false,
                 };
@@ -106,8 +157,14 @@ impl Arbiter {
     pub(super) fn dispatch(&mut self, now: Instant) {
         let mut refused = std::mem::take(&mut self.refused);
         if self.accepting() {
-            self.dispatcher
-                .place(&mut self.slots, self.cfg.max_inflight, now, &mut refused);
+            let growing = std::mem::take(&mut self.spawned_this_turn) > 0;
+            self.dispatcher.place(
+                &mut self.slots,
+                self.cfg.max_inflight,
+                now,
+                growing,
+                &mut refused,
+            );
         } else {
             self.dispatcher.drain(&mut refused);
             for p in &mut refused {
@@ -144,41 +201,38 @@ impl Arbiter {
 /// `stats`: answered by the master at once, never queued behind work.
 fn answer_stats(
     responder: &mut Responder,
-    ledger: &mut Ledger,
     body: &serde_json::Map<String, serde_json::Value>,
     to: SocketAddr,
     id: Option<&str>,
-    now: Instant,
-    now_us: i64,
-) {
+) -> Outcome {
     responder.ensure_room();
     protocol::reply::write_json_ok(Op::Stats, body, id, responder.batch.next_buf());
     responder.batch.commit(to);
-    let id = id.unwrap_or("").as_bytes();
-    ledger.record(to, now, now_us, Op::Stats, None, Outcome::Ok, id, now);
+    Outcome::Ok
 }
 
-/// `--workers 0`: the master answers with the same function a worker uses;
+/// `--workers 0`: the master answers with the same function a worker uses
+/// (the reply held to its source's bound);
 /// its loop never blocks and never aborts, so `sleep` and `crash` are
 /// refused (`disabled`).
 fn answer_inline(
     responder: &mut Responder,
     ledger: &mut Ledger,
     pid: u32,
-    client: SocketAddr,
+    (client, now, now_us): (SocketAddr, Instant, i64),
     payload: &[u8],
-    now: Instant,
-    now_us: i64,
+    reply_limit: u32,
 ) {
     let ctx = ReplyContext {
         worker_pid: pid,
         client,
     };
     // The inline host never fails and never abandons a request.
-    let Ok(Some(done)) = answer::answer(payload, &ctx, &mut InlineHost(responder)) else {
+    let host = &mut InlineHost(responder);
+    let Ok(Some(done)) = answer::answer(payload, &ctx, reply_limit as usize, host) else {
         return;
     };
-    if done.outcome != Outcome::NoReply {
+    if done.outcome.sent() {
         responder.batch.commit(client);
     }
     ledger.record(

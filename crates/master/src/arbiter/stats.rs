@@ -53,6 +53,8 @@ pub(super) fn stats_json(a: &Arbiter, now: Instant) -> serde_json::Map<String, s
             "restarts": t.restarts,
             "redispatched": t.redispatched,
             "replies_dropped": a.responder.dropped,
+            "withheld": t.withheld,
+            "dropped": t.dropped,
             "journal_written": written,
             "journal_shed": shed,
         },

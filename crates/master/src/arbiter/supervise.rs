@@ -259,6 +259,7 @@ impl Arbiter {
                 break;
             }
             self.ledger.totals.restarts += 1;
+            self.spawned_this_turn += 1;
         }
     }
 
