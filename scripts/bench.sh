@@ -24,5 +24,5 @@ case "${1:-}" in
 esac
 
 echo "bench.sh: building (release)..." >&2
-cargo build --release --quiet --workspace
+cargo build --release --quiet
 exec python3 "$root/scripts/bench/bench.py" --bin-dir "$root/target/release" "$@"

@@ -33,7 +33,7 @@ cd "$root"
 bin="$root/target/release"
 
 echo "load.sh: building (release)..." >&2
-cargo build --release --quiet --workspace
+cargo build --release --quiet
 
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/udp-pool-load.XXXXXX")"
 master_pid=""
