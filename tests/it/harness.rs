@@ -433,6 +433,51 @@ fn listening_addr(log: &str) -> Option<SocketAddr> {
     line.split(" with ").next()?.trim().parse().ok()
 }
 
+/// One line of a log as `udp_pool::init_logging` writes it:
+/// `[2026-05-01T10:00:00.123456Z] [4242] [INFO] master::arbiter: message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine<'a> {
+    /// The UTC time, as written.
+    pub time: &'a str,
+    /// The PID of the process that wrote it.
+    pub pid: u32,
+    /// `ERROR`, `WARN`, `INFO`, `DEBUG` or `TRACE`.
+    pub level: &'a str,
+    /// The module that logged it (`master::arbiter`, `worker::serve`).
+    pub target: &'a str,
+    /// The message.
+    pub message: &'a str,
+}
+
+impl<'a> LogLine<'a> {
+    /// Parses `line`, or `None` if it is not in the log format (the time
+    /// must be RFC 3339 UTC with microseconds).
+    pub fn parse(line: &'a str) -> Option<LogLine<'a>> {
+        let (time, rest) = line.strip_prefix('[')?.split_once("] [")?;
+        let (pid, rest) = rest.split_once("] [")?;
+        let (level, rest) = rest.split_once("] ")?;
+        let (target, message) = rest.split_once(": ")?;
+        // 2026-05-01T10:00:00.123456Z: digits everywhere but these places.
+        let shape = time.len() == 27
+            && time.char_indices().all(|(i, c)| match i {
+                4 | 7 => c == '-',
+                10 => c == 'T',
+                13 | 16 => c == ':',
+                19 => c == '.',
+                26 => c == 'Z',
+                _ => c.is_ascii_digit(),
+            });
+        let level_ok = ["ERROR", "WARN", "INFO", "DEBUG", "TRACE"].contains(&level);
+        (shape && level_ok && !target.contains(' ')).then_some(LogLine {
+            time,
+            pid: pid.parse().ok()?,
+            level,
+            target,
+            message,
+        })
+    }
+}
+
 // ----- processes ------------------------------------------------------------
 
 /// A process as `/proc/PID/stat` shows it. `start` (its start time in clock
