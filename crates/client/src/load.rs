@@ -101,23 +101,14 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         (None, Some(_)) => MAX_DURATION_S,
         (None, None) => 5.0,
     };
-    if !(duration > 0.0 && duration <= MAX_DURATION_S) {
-        bail!("--duration must be more than 0 and at most {MAX_DURATION_S} seconds");
-    }
-    if let Some(rate) = args.rate {
-        if !(rate.is_finite() && rate > 0.0) {
-            bail!("--rate must be a positive number of requests per second");
-        }
-    }
-    if args.requests == Some(0) {
-        bail!("--requests must be at least 1");
-    }
     let processes = if args.child { 1 } else { args.processes };
     let plan = Plan {
         server,
         pacing: match args.rate {
+            // A child is told the whole rate and --processes, so that what
+            // it parses is what the user gave, bounds and all.
             Some(rate) => Pacing::Open {
-                rate: rate / f64::from(processes),
+                rate: rate / f64::from(args.processes),
             },
             None => Pacing::Closed {
                 window: args.window as usize,
@@ -200,8 +191,9 @@ fn run_processes(args: &LoadArgs, plan: &Plan, processes: u32) -> Result<Tally> 
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        if let Pacing::Open { rate } = plan.pacing {
-            cmd.args(["--rate", &rate.to_string()]);
+        if let Some(rate) = args.rate {
+            cmd.args(["--rate", &rate.to_string()])
+                .args(["--processes", &processes.to_string()]);
         }
         if let Some(n) = total {
             let mine = share(n, processes, i);
@@ -736,16 +728,26 @@ impl Flow {
     }
 }
 
+/// Ring slots of one process, all sockets together (40 bytes each: 160 MiB).
+const MAX_RING_SLOTS: usize = 1 << 22;
+/// Ring slots of one socket, at least.
+const MIN_RING_SLOTS: usize = 4096;
+
 /// The ring size for each socket: room for the requests outstanding at
-/// once in the usual case; slower ones move to the flow's stragglers.
+/// once in the usual case; slower ones move to the flow's stragglers. All
+/// sockets' rings together stay within [`MAX_RING_SLOTS`] (or the minimum
+/// per socket), whatever --window, --rate, --timeout-ms and --sockets
+/// multiply to.
 fn ring_capacity(plan: &Plan) -> usize {
     let need = match plan.pacing {
-        Pacing::Closed { window } => window * 4,
+        Pacing::Closed { window } => window.saturating_mul(4),
         Pacing::Open { rate } => {
             (rate / plan.sockets as f64 * plan.timeout.as_secs_f64() * 2.0) as usize
         }
     };
-    need.clamp(4096, 1 << 21).next_power_of_two()
+    // Both powers of two, so the result is one and never above `most`.
+    let most = (MAX_RING_SLOTS / plan.sockets.next_power_of_two()).max(MIN_RING_SLOTS);
+    need.clamp(MIN_RING_SLOTS, most).next_power_of_two()
 }
 
 /// Runs one load process: its sockets, one poll loop, until the sending
@@ -1159,5 +1161,39 @@ mod tests {
         assert_eq!(ring_capacity(&p), 1 << 20);
         p.pacing = Pacing::Closed { window: 64 };
         assert_eq!(ring_capacity(&p), 4096);
+    }
+
+    #[test]
+    fn rings_stay_bounded_however_the_options_multiply() {
+        let mut p = plan(
+            "127.0.0.1:1".parse().unwrap(),
+            Pacing::Open {
+                rate: crate::cli::MAX_RATE,
+            },
+            1,
+        );
+        p.timeout = Duration::from_secs(60);
+        for sockets in [1, 2, 3, 64, 1000, 1024] {
+            p.sockets = sockets;
+            for pacing in [
+                Pacing::Open {
+                    rate: crate::cli::MAX_RATE,
+                },
+                Pacing::Closed { window: 65_536 },
+            ] {
+                p.pacing = pacing;
+                let ring = ring_capacity(&p);
+                assert!(ring.is_power_of_two(), "{ring}");
+                assert!(
+                    ring * sockets <= MAX_RING_SLOTS.max(MIN_RING_SLOTS * sockets),
+                    "{sockets} sockets x {ring} slots"
+                );
+            }
+        }
+        p.sockets = 1;
+        p.pacing = Pacing::Open {
+            rate: crate::cli::MIN_RATE,
+        };
+        assert_eq!(ring_capacity(&p), MIN_RING_SLOTS);
     }
 }

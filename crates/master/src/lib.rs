@@ -35,9 +35,6 @@ use anyhow::{bail, Context};
 /// When the server cannot start (socket, journal, workers) or its loop fails.
 pub fn serve(args: &cli::ServeArgs) -> anyhow::Result<()> {
     let worker_path = worker_path(args)?;
-    if !(args.graceful_timeout.is_finite() && args.graceful_timeout >= 0.0) {
-        bail!("--graceful-timeout must be a number of seconds >= 0");
-    }
     let cfg = arbiter::Config {
         bind: args.bind,
         workers: usize::from(args.workers),
@@ -45,7 +42,7 @@ pub fn serve(args: &cli::ServeArgs) -> anyhow::Result<()> {
         max_datagram: args.max_datagram as usize,
         max_inflight: args.max_inflight as usize,
         request_timeout: Duration::from_millis(args.request_timeout_ms),
-        graceful_timeout: Duration::from_secs_f64(args.graceful_timeout),
+        graceful_timeout: args.graceful_timeout,
         max_requests: args.max_requests,
         max_requests_jitter: args.max_requests_jitter,
         fault_injection: args.enable_fault_injection,

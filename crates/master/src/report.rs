@@ -45,8 +45,7 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
         Some(s) => Some(parse_since(s)?),
         None => None,
     };
-    let since_us = since
-        .map(|d| now_unix_us().saturating_sub(i64::try_from(d.as_micros()).unwrap_or(i64::MAX)));
+    let since_us = since.map(|d| window_start_us(now_unix_us(), d));
     let mut report = Report::collect(&args.journal, since_us)?;
     report.since = args.since.clone();
     let mut out = io::stdout().lock();
@@ -63,6 +62,13 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
         }
         _ => Ok(()),
     }
+}
+
+/// The first instant (unix µs) of the window of length `since` that ends
+/// at `now_us`; any `--since`, however long, reaches back at most to the
+/// earliest time there is.
+fn window_start_us(now_us: i64, since: Duration) -> i64 {
+    now_us.saturating_sub(i64::try_from(since.as_micros()).unwrap_or(i64::MAX))
 }
 
 /// Parses a `--since` duration: one or more `<number><unit>` with units
@@ -835,7 +841,22 @@ mod tests {
         assert_eq!(parse_since("2h").unwrap(), Duration::from_secs(7200));
         assert_eq!(parse_since("1d").unwrap(), Duration::from_secs(86_400));
         assert_eq!(parse_since("1h30m").unwrap(), Duration::from_secs(5400));
-        for bad in ["", "10", "m", "10x", "-5m", "1.5h", "99999999999999999999d"] {
+        // The longest --since: u64::MAX seconds, as days and seconds.
+        let max = parse_since("213503982334601d25215s").unwrap();
+        assert_eq!(max, Duration::from_secs(u64::MAX));
+        assert_eq!(window_start_us(0, max), -i64::MAX);
+        assert_eq!(window_start_us(i64::MIN + 1, max), i64::MIN);
+        for bad in [
+            "",
+            "10",
+            "m",
+            "10x",
+            "-5m",
+            "1.5h",
+            "99999999999999999999d",
+            "213503982334602d",
+            "213503982334601d25216s",
+        ] {
             let msg = parse_since(bad).unwrap_err().to_string();
             assert!(msg.starts_with("invalid --since"), "{bad:?}: {msg}");
         }
