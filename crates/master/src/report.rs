@@ -532,8 +532,10 @@ fn open_read_only(path: &Path) -> anyhow::Result<Connection> {
     conn.busy_timeout(Duration::from_secs(5))?;
     // The first read of the header: a non-SQLite file fails here.
     let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if version != SCHEMA_VERSION {
-        bail!("not a udp-pool journal (schema version {version}, expected {SCHEMA_VERSION})");
+    // Version 1 differs only in how `request_id` is stored, which the
+    // report does not read; reading must not migrate it.
+    if !(1..=SCHEMA_VERSION).contains(&version) {
+        bail!("not a udp-pool journal (schema version {version}, expected 1 to {SCHEMA_VERSION})");
     }
     Ok(conn)
 }
@@ -719,6 +721,24 @@ mod tests {
         );
         assert!(json["span_s"].as_f64().unwrap() > 7000.0);
         assert!(json["rate_per_s"].as_f64().unwrap() > 0.0);
+    }
+
+    #[test]
+    fn a_version_1_journal_is_read_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sample(dir.path());
+        let version = |conn: &Connection| -> i32 {
+            conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+                .unwrap()
+        };
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("PRAGMA user_version = 1").unwrap();
+        let report = Report::collect(&path, None).unwrap();
+        assert_eq!(report.requests, 400);
+        assert_eq!(version(&conn), 1, "reading does not migrate");
+        conn.execute_batch("PRAGMA user_version = 3").unwrap();
+        let msg = format!("{:#}", Report::collect(&path, None).unwrap_err());
+        assert!(msg.contains("schema version 3"), "{msg}");
     }
 
     #[test]
