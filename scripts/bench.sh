@@ -20,9 +20,9 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 case "${1:-}" in
-    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
 esac
 
 echo "bench.sh: building (release)..." >&2
-cargo build --release --quiet --workspace
+cargo build --release --quiet
 exec python3 "$root/scripts/bench/bench.py" --bin-dir "$root/target/release" "$@"

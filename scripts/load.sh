@@ -23,7 +23,7 @@ while [[ $# -gt 0 ]]; do
         --duration) duration="${2:?--duration needs seconds}"; shift 2 ;;
         --duration=*) duration="${1#*=}"; shift ;;
         --journal) journal=1; shift ;;
-        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
         *) loadgen_args+=("$1"); shift ;;
     esac
 done
@@ -33,7 +33,7 @@ cd "$root"
 bin="$root/target/release"
 
 echo "load.sh: building (release)..." >&2
-cargo build --release --quiet --workspace
+cargo build --release --quiet
 
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/udp-pool-load.XXXXXX")"
 master_pid=""

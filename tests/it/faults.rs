@@ -13,7 +13,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::harness::{
-    self, children_of, group_members, rss_kib, square_of, Load, Proc, Reply, Server,
+    self, children_of, group_members, rss_kib, square_of, Load, LogLine, Proc, Reply, Server,
 };
 
 /// For "eventually" checks on a noisy machine.
@@ -238,6 +238,54 @@ fn a_crash_request_gets_worker_crashed_with_fault_injection() {
     );
     let got = s.ask_text(b"13");
     s.check(got == "169", || format!("after the crash: 13 -> {got:?}"));
+}
+
+/// Every line the master and its workers log names its UTC time, its
+/// writer's PID and its level, so an operator can tell them apart: the
+/// master's `listening on` carries the master's PID, a crashing worker's
+/// warning its own.
+#[test]
+fn every_log_line_names_its_time_pid_and_level() {
+    let _g = harness::shared();
+    let s = Server::start(&["--workers", "2", "--enable-fault-injection"]);
+    let c = s.client();
+    c.send(br#"{"op":"crash","id":1}"#);
+    let reply = c.recv(Duration::from_secs(5));
+    s.check(
+        reply.as_ref().and_then(|r| r.error()).as_deref() == Some("worker_crashed"),
+        || format!("crash: expected worker_crashed, got {reply:?}"),
+    );
+    // The crash and its re-dispatch: two workers warn before aborting.
+    s.wait_until("two workers warned `crash requested`", EVENTUALLY, |s| {
+        s.log().matches("crash requested").count() == 2
+    });
+    let log = s.log();
+    let bad: Vec<&str> = log
+        .lines()
+        .filter(|l| LogLine::parse(l).is_none())
+        .collect();
+    s.check(bad.is_empty(), || {
+        format!("lines not in the `[time] [pid] [LEVEL] target: message` format: {bad:?}")
+    });
+    let lines: Vec<LogLine> = log.lines().filter_map(LogLine::parse).collect();
+    let master = s.pid();
+    let listening = lines.iter().find(|l| l.message.starts_with("listening on"));
+    s.check(
+        listening.is_some_and(|l| l.pid == master && l.level == "INFO"),
+        || format!("expected `listening on` at INFO with the master's pid {master}: {listening:?}"),
+    );
+    let crashes: Vec<&LogLine> = lines
+        .iter()
+        .filter(|l| l.message.contains("crash requested"))
+        .collect();
+    s.check(
+        crashes.len() == 2
+            && crashes[0].pid != crashes[1].pid
+            && crashes
+                .iter()
+                .all(|l| l.pid != master && l.level == "WARN" && l.target.starts_with("worker")),
+        || format!("expected two WARN lines from two workers (not {master}): {crashes:?}"),
+    );
 }
 
 #[test]

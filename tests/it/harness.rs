@@ -1,13 +1,13 @@
-//! The harness: builds and finds the real binaries, starts `master` in its
-//! own process group with a temporary directory, talks UDP to it, and looks
-//! at its processes through `/proc`.
+//! The harness: finds the real binaries, starts `master` in its own process
+//! group with a temporary directory, talks UDP to it, and looks at its
+//! processes through `/proc`.
 //!
 //! Every wait has a deadline. A failure panics with the master's command
 //! line, its exit status and the tail of its log ([`Server::fail`]).
 //!
 //! # Layout
-//! * Binaries: [`bin`] builds `master`, `worker` and `client` once per test
-//!   run (`cargo build` of those packages, next to this test executable).
+//! * Binaries: [`bin`] finds `master`, `worker` and `client`, which cargo
+//!   builds for this test (they belong to the same package).
 //! * [`Server`]: one running `master`; [`Drop`] kills its process group.
 //! * [`Client`]: a UDP socket with request/reply matching by id, and
 //!   [`Client::many`], a pipelined stream of requests.
@@ -26,7 +26,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, killpg, Signal};
@@ -39,12 +39,10 @@ use tempfile::TempDir;
 
 /// How long `master` may take to log `listening on`.
 pub const START_DEADLINE: Duration = Duration::from_secs(10);
-/// How long the binaries may take to build (other builds may hold the lock).
-const BUILD_DEADLINE: Duration = Duration::from_secs(15 * 60);
 /// Lines of the master's log shown when a test fails.
 const LOG_TAIL_LINES: usize = 60;
 /// Set this to a directory holding `master`, `worker` and `client` to test
-/// those binaries instead of building them.
+/// those binaries instead of the ones cargo built.
 pub const BIN_DIR_ENV: &str = "UDP_POOL_BIN_DIR";
 
 // ----- running alone --------------------------------------------------------
@@ -65,93 +63,27 @@ pub fn exclusive() -> RwLockWriteGuard<'static, ()> {
 
 // ----- binaries -------------------------------------------------------------
 
-static BIN_DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-
-/// The path of one of the workspace's binaries (`master`, `worker`,
-/// `client`), built on first use.
-///
-/// `cargo test` builds only the binaries of the package under test, and the
-/// root package has none, so the first call runs
-/// `$CARGO build --profile <this test's profile> -p master -p worker -p client`
-/// into this test's target directory. Cargo has released its build lock by
-/// the time tests run, so the nested build does not deadlock; cargo decides
-/// whether anything is stale, so binaries are never older than their sources.
-/// With [`BIN_DIR_ENV`] set, the binaries there are used as they are.
+/// The path of one of the root package's binaries (`master`, `worker`,
+/// `client`, `loadgen`): the one cargo built for this test run
+/// (`CARGO_BIN_EXE_<name>`, in the same directory, so `master` finds its
+/// `worker` next to it), or the one in [`BIN_DIR_ENV`] when that is set.
 pub fn bin(name: &str) -> PathBuf {
-    match BIN_DIR.get_or_init(build_binaries) {
-        Ok(dir) => dir.join(name),
-        Err(e) => panic!("{e}"),
-    }
-}
-
-fn build_binaries() -> Result<PathBuf, String> {
-    const BINS: [&str; 3] = ["master", "worker", "client"];
-    let check = |dir: &Path| -> Result<PathBuf, String> {
-        for b in BINS {
-            if !dir.join(b).is_file() {
-                return Err(format!("{} is missing", dir.join(b).display()));
-            }
-        }
-        Ok(dir.to_path_buf())
-    };
     if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
-        return check(Path::new(&dir)).map_err(|e| format!("{BIN_DIR_ENV}: {e}"));
+        let path = Path::new(&dir).join(name);
+        assert!(
+            path.is_file(),
+            "{BIN_DIR_ENV}: {} is missing",
+            path.display()
+        );
+        return path;
     }
-    // target/<profile>/deps/it-HASH: the binaries go to target/<profile>.
-    let exe =
-        std::env::current_exe().map_err(|e| format!("cannot find the test executable: {e}"))?;
-    let bin_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| format!("unexpected test executable path {}", exe.display()))?;
-    let target_dir = bin_dir.parent().expect("a profile directory has a parent");
-    let profile = match bin_dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") => "dev",
-        Some(p) => p,
-        None => return Err(format!("unexpected target directory {}", bin_dir.display())),
-    };
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let log = tempfile::NamedTempFile::new().map_err(|e| format!("temp file: {e}"))?;
-    let mut cmd = Command::new(&cargo);
-    cmd.args(["build", "--profile", profile])
-        .args(BINS.iter().flat_map(|b| ["-p", b]))
-        .arg("--manifest-path")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-        .arg("--target-dir")
-        .arg(target_dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log.reopen().map_err(|e| format!("temp file: {e}"))?);
-    let shown = format!("{cmd:?}");
-    eprintln!("harness: building the binaries: {shown}");
-    let started = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot run {shown}: {e}"))?;
-    let status = loop {
-        if let Some(s) = child
-            .try_wait()
-            .map_err(|e| format!("waiting for cargo: {e}"))?
-        {
-            break s;
-        }
-        if started.elapsed() > BUILD_DEADLINE {
-            let _ = child.kill();
-            let _ = child.wait();
-            break ExitStatus::from_raw(libc::SIGKILL);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let output = fs::read_to_string(log.path()).unwrap_or_default();
-    if !status.success() {
-        return Err(format!(
-            "building the binaries failed ({status}, after {:.0?})\ncommand: {shown}\n--- cargo's output ---\n{}",
-            started.elapsed(),
-            tail(&output, 40)
-        ));
-    }
-    check(bin_dir)
-        .map_err(|e| format!("after {shown}: {e}; set {BIN_DIR_ENV} to where the binaries are"))
+    PathBuf::from(match name {
+        "master" => env!("CARGO_BIN_EXE_master"),
+        "worker" => env!("CARGO_BIN_EXE_worker"),
+        "client" => env!("CARGO_BIN_EXE_client"),
+        "loadgen" => env!("CARGO_BIN_EXE_loadgen"),
+        _ => panic!("no binary named {name}"),
+    })
 }
 
 /// Runs one of the binaries to completion, killing it at `deadline`.
@@ -512,6 +444,51 @@ fn listening_addr(log: &str) -> Option<SocketAddr> {
     let rest = log.split("listening on ").nth(1)?;
     let line = rest.lines().next()?;
     line.split(" with ").next()?.trim().parse().ok()
+}
+
+/// One line of a log as `udp_pool::init_logging` writes it:
+/// `[2026-05-01T10:00:00.123456Z] [4242] [INFO] master::arbiter: message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine<'a> {
+    /// The UTC time, as written.
+    pub time: &'a str,
+    /// The PID of the process that wrote it.
+    pub pid: u32,
+    /// `ERROR`, `WARN`, `INFO`, `DEBUG` or `TRACE`.
+    pub level: &'a str,
+    /// The module that logged it (`master::arbiter`, `worker::serve`).
+    pub target: &'a str,
+    /// The message.
+    pub message: &'a str,
+}
+
+impl<'a> LogLine<'a> {
+    /// Parses `line`, or `None` if it is not in the log format (the time
+    /// must be RFC 3339 UTC with microseconds).
+    pub fn parse(line: &'a str) -> Option<LogLine<'a>> {
+        let (time, rest) = line.strip_prefix('[')?.split_once("] [")?;
+        let (pid, rest) = rest.split_once("] [")?;
+        let (level, rest) = rest.split_once("] ")?;
+        let (target, message) = rest.split_once(": ")?;
+        // 2026-05-01T10:00:00.123456Z: digits everywhere but these places.
+        let shape = time.len() == 27
+            && time.char_indices().all(|(i, c)| match i {
+                4 | 7 => c == '-',
+                10 => c == 'T',
+                13 | 16 => c == ':',
+                19 => c == '.',
+                26 => c == 'Z',
+                _ => c.is_ascii_digit(),
+            });
+        let level_ok = ["ERROR", "WARN", "INFO", "DEBUG", "TRACE"].contains(&level);
+        (shape && level_ok && !target.contains(' ')).then_some(LogLine {
+            time,
+            pid: pid.parse().ok()?,
+            level,
+            target,
+            message,
+        })
+    }
 }
 
 // ----- processes ------------------------------------------------------------

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use rusqlite::types::FromSql;
+use rusqlite::types::{FromSql, Value as SqlValue};
 use rusqlite::{Connection, OpenFlags, Params};
 use serde_json::Value;
 use tempfile::TempDir;
@@ -177,11 +177,22 @@ fn all<T>(
 struct RequestRow {
     ts_us: i64,
     client: String,
-    request_id: Option<String>,
+    /// As stored: an integer id as INTEGER, a string id as TEXT.
+    request_id: Option<SqlValue>,
     op: String,
     worker_pid: Option<u32>,
     outcome: String,
     latency_us: i64,
+}
+
+/// A stored request id as the text the tests key requests by: an integer's
+/// digits, a string's text.
+fn id_key(id: Option<&SqlValue>) -> Option<String> {
+    match id? {
+        SqlValue::Integer(n) => Some(n.to_string()),
+        SqlValue::Text(t) => Some(t.clone()),
+        _ => None,
+    }
 }
 
 fn request_rows(s: &Server, conn: &Connection, filter: &str) -> Vec<RequestRow> {
@@ -325,14 +336,10 @@ fn every_request_has_a_row_naming_the_worker_its_reply_named() {
         format!("the squares were served by {served_by:?}; the workers are {workers:?}")
     });
     let failing = [
-        (
-            r#"{"op":"nope","id":"bad-op"}"#,
-            r#""bad-op""#,
-            "unknown_op",
-        ),
+        (r#"{"op":"nope","id":"bad-op"}"#, "bad-op", "unknown_op"),
         (
             r#"{"op":"sleep","ms":20000,"id":"long-sleep"}"#,
-            r#""long-sleep""#,
+            "long-sleep",
             "out_of_range",
         ),
     ];
@@ -352,7 +359,13 @@ fn every_request_has_a_row_naming_the_worker_its_reply_named() {
     });
     let mut by_id: HashMap<String, RequestRow> = HashMap::new();
     for row in &squares_rows {
-        let id = row.request_id.clone().unwrap_or_default();
+        // Numbers stay numbers.
+        let Some(SqlValue::Integer(id)) = row.request_id else {
+            s.fail(&format!(
+                "a square's id is not stored as an integer: {row:?}"
+            ));
+        };
+        let id = id.to_string();
         if let Some(other) = by_id.insert(id.clone(), row.clone()) {
             s.fail(&format!(
                 "two rows for request id {id}: {other:?} and {row:?}"
@@ -379,10 +392,11 @@ fn every_request_has_a_row_naming_the_worker_its_reply_named() {
             || format!("request {id}: ts_us or latency_us off (sent in {from_us}..={until_us}): {row:?}"),
         );
     }
-    for ((req, raw_id, code), reply) in failing.iter().zip(&failed) {
-        let rows = request_rows(s, &conn, &format!("WHERE request_id = '{raw_id}'"));
+    for ((req, text_id, code), reply) in failing.iter().zip(&failed) {
+        // A string id is stored as its text, without the JSON quotes.
+        let rows = request_rows(s, &conn, &format!("WHERE request_id = '{text_id}'"));
         s.check(rows.len() == 1, || {
-            format!("{req}: expected one row with request_id {raw_id}, found {rows:?}")
+            format!("{req}: expected one row with request_id {text_id}, found {rows:?}")
         });
         s.check(
             rows[0].outcome == *code && rows[0].worker_pid == reply.worker_pid(),
@@ -394,7 +408,7 @@ fn every_request_has_a_row_naming_the_worker_its_reply_named() {
             },
         );
     }
-    let sleep_row = &request_rows(s, &conn, r#"WHERE request_id = '"long-sleep"'"#)[0];
+    let sleep_row = &request_rows(s, &conn, "WHERE request_id = 'long-sleep'")[0];
     s.check(sleep_row.op == "sleep", || {
         format!("the sleep over the cap has op {:?}", sleep_row.op)
     });
@@ -831,9 +845,8 @@ fn journal_max_rows_keeps_the_newest_rows_near_the_limit() {
     let too_old: Vec<&RequestRow> = kept
         .iter()
         .filter(|r| {
-            r.request_id
-                .as_ref()
-                .and_then(|id| index.get(id))
+            id_key(r.request_id.as_ref())
+                .and_then(|id| index.get(&id))
                 .is_none_or(|&i| i < oldest_allowed)
         })
         .collect();
@@ -846,13 +859,13 @@ fn journal_max_rows_keeps_the_newest_rows_near_the_limit() {
             too_old.first()
         )
     });
-    let newest: Option<String> = one(
+    let newest: Option<SqlValue> = one(
         s,
         &conn,
         "SELECT request_id FROM requests ORDER BY ts_us DESC, id DESC LIMIT 1",
         [],
     );
-    let newest_index = newest.as_ref().and_then(|id| index.get(id)).copied();
+    let newest_index = id_key(newest.as_ref()).and_then(|id| index.get(&id).copied());
     s.check(newest_index.is_some_and(|i| i >= N - 2 * WINDOW), || {
         format!(
             "the newest row (by ts_us) has request_id {newest:?}, request {newest_index:?} of {N}"
@@ -877,7 +890,7 @@ fn report_per_worker_p99_is_not_above_the_max_latency() {
         conn.execute("DELETE FROM requests", [])?;
         conn.execute(
             "INSERT INTO requests (ts_us, client, request_id, op, worker_pid, outcome, latency_us) \
-             VALUES (?1, '127.0.0.1:9', '1', 'square', ?2, 'ok', 853)",
+             VALUES (?1, '127.0.0.1:9', 1, 'square', ?2, 'ok', 853)",
             rusqlite::params![now_us(), pid],
         )?;
         Ok(())

@@ -3,7 +3,7 @@
 //! and the lecture's Python clients.
 //!
 //! # Layout
-//! * [`harness`]: builds the binaries, starts and watches `master`, UDP
+//! * [`harness`]: finds the binaries, starts and watches `master`, UDP
 //!   client helpers, `/proc` helpers.
 //! * [`serve`]: issue 2's acceptance: answers, errors, dialects, IPv6,
 //!   inline mode, the `client` binary, the lecture's clients.

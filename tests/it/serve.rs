@@ -585,6 +585,35 @@ fn a_missing_worker_executable_stops_the_master_with_one_clear_line() {
     );
 }
 
+/// A `master` copied away from its `worker` (an install that lost half of
+/// itself) says where it looked and what to do, in one line.
+#[test]
+fn a_master_without_its_worker_says_how_to_get_one() {
+    let _g = harness::shared();
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let master = dir.path().join("master");
+    std::fs::copy(bin("master"), &master).expect("copy master");
+    let mut cmd = Command::new(&master);
+    cmd.args(["--bind", "127.0.0.1:0", "--journal", "none"])
+        .current_dir(dir.path());
+    let (out, in_time) = run_with_deadline(&mut cmd, COMMAND_DEADLINE);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    let worker = dir.path().join("worker").display().to_string();
+    assert!(
+        in_time
+            && !out.status.success()
+            && lines.len() == 1
+            && lines[0].starts_with("master: ")
+            && lines[0].contains(&worker)
+            && lines[0].contains("cargo build --release")
+            && lines[0].contains("cargo install --path .")
+            && lines[0].contains("--worker-path"),
+        "expected one `master: ...` line naming {worker} and how to get a worker\n{}",
+        describe(&cmd, &out)
+    );
+}
+
 /// The lecture's own clients, unmodified, against a master on their
 /// hard-coded address 127.0.0.1:10001.
 #[test]

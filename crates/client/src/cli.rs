@@ -8,6 +8,13 @@ use crate::mix::Mix;
 
 /// The longest a load run may last, whatever it is asked: every run stops by itself.
 pub const MAX_DURATION_S: f64 = 600.0;
+/// The shortest `--duration`: a millisecond, which survives the trip to a
+/// `--processes` child.
+pub const MIN_DURATION_S: f64 = 0.001;
+/// The lowest `--rate`: one request every 1000 s, less than one a run.
+pub const MIN_RATE: f64 = 0.001;
+/// The highest `--rate`: a hundred times what one machine's loopback carries.
+pub const MAX_RATE: f64 = 1e8;
 
 /// Send one request to a udp-pool server and print its reply.
 #[derive(Debug, Parser)]
@@ -96,8 +103,8 @@ pub struct LoadArgs {
           value_parser = clap::value_parser!(u32).range(1..=65_536))]
     pub window: u32,
 
-    /// Open loop: requests per second, over all sockets and processes.
-    #[arg(long, value_name = "R")]
+    /// Open loop: requests per second, over all sockets and processes (0.001 to 1e8).
+    #[arg(long, value_name = "R", value_parser = parse_rate)]
     pub rate: Option<f64>,
 
     /// UDP sockets per process, served by one poll loop.
@@ -110,20 +117,21 @@ pub struct LoadArgs {
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub processes: u32,
 
-    /// Seconds to send for (default 5 without --requests; at most 600).
-    #[arg(long, value_name = "S")]
+    /// Seconds to send for (default 5 without --requests; 0.001 to 600).
+    #[arg(long, value_name = "S", value_parser = parse_duration)]
     pub duration: Option<f64>,
 
     /// Requests to send in all, then stop (still within --duration).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub requests: Option<u64>,
 
     /// Request mix as KIND=WEIGHT,... with kinds square, hello, sleep, text.
     #[arg(long, value_name = "MIX", default_value = "square=100")]
     pub mix: Mix,
 
-    /// How long each sleep request asks the worker to sleep.
-    #[arg(long, value_name = "MS", default_value_t = 1)]
+    /// How long each sleep request asks the worker to sleep (at most the server's 10000).
+    #[arg(long, value_name = "MS", default_value_t = 1,
+          value_parser = clap::value_parser!(u64).range(0..=protocol::MAX_SLEEP_MS))]
     pub sleep_ms: u64,
 
     /// A request with no reply this long after it was sent counts as lost;
@@ -149,6 +157,28 @@ pub struct LoadArgs {
     pub child: bool,
 }
 
+/// Parses a number of `what` from `min` to `max`; also refuses NaN and
+/// infinities, which no range contains.
+fn parse_bounded(text: &str, what: &str, min: f64, max: f64) -> Result<f64, String> {
+    let x: f64 = text
+        .parse()
+        .map_err(|_| format!("expected a number of {what}"))?;
+    if !(min..=max).contains(&x) {
+        return Err(format!("must be from {min} to {max} {what}"));
+    }
+    Ok(x)
+}
+
+/// Parses `--rate`: [`MIN_RATE`] to [`MAX_RATE`] requests per second.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    parse_bounded(text, "requests per second", MIN_RATE, MAX_RATE)
+}
+
+/// Parses `--duration`: [`MIN_DURATION_S`] to [`MAX_DURATION_S`] seconds.
+fn parse_duration(text: &str) -> Result<f64, String> {
+    parse_bounded(text, "seconds", MIN_DURATION_S, MAX_DURATION_S)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,6 +199,85 @@ mod tests {
         assert_eq!(a.servers, ["127.0.0.1:10001"]);
         assert!(
             matches!(a.command, ClientCommand::Send { text } if text.join(" ") == "Hi server!")
+        );
+    }
+
+    /// `option=value` parses or not, for each of `values`.
+    #[track_caller]
+    fn edges<P: Parser>(command: &[&str], option: &str, ok: &[&str], refused: &[&str]) {
+        let parse = |v: &str| {
+            let arg = format!("{option}={v}");
+            let args: Vec<&str> = [command[0], &arg]
+                .into_iter()
+                .chain(command[1..].iter().copied())
+                .collect();
+            (arg.clone(), P::try_parse_from(args))
+        };
+        for v in ok {
+            if let (arg, Err(e)) = parse(v) {
+                panic!("{arg} should parse: {e}");
+            }
+        }
+        for v in refused {
+            let (arg, r) = parse(v);
+            assert!(r.is_err(), "{arg} should be refused");
+        }
+    }
+
+    #[test]
+    fn client_numbers_have_bounds() {
+        let c = &["client", "hello"];
+        edges::<ClientArgs>(c, "--timeout-ms", &["1", "600000"], &["0", "600001", "-1"]);
+        edges::<ClientArgs>(c, "--retries", &["0", "100"], &["101", "4294967296"]);
+        edges::<ClientArgs>(c, "--processes", &["1", "256"], &["0", "257"]);
+    }
+
+    #[test]
+    fn loadgen_numbers_have_bounds() {
+        let l = &["loadgen"];
+        edges::<LoadArgs>(l, "--window", &["1", "65536"], &["0", "65537"]);
+        edges::<LoadArgs>(l, "--sockets", &["1", "1024"], &["0", "1025"]);
+        edges::<LoadArgs>(l, "--processes", &["1", "64"], &["0", "65"]);
+        edges::<LoadArgs>(l, "--timeout-ms", &["1", "60000"], &["0", "60001"]);
+        edges::<LoadArgs>(
+            l,
+            "--sleep-ms",
+            &["0", "10000"],
+            &["10001", "18446744073709551615"],
+        );
+        edges::<LoadArgs>(
+            l,
+            "--requests",
+            &["1", "18446744073709551615"],
+            &["0", "18446744073709551616"],
+        );
+        edges::<LoadArgs>(
+            l,
+            "--rate",
+            &["0.001", "1", "1e8"],
+            &[
+                "0",
+                "0.0009",
+                "-5",
+                "100000001",
+                "1e300",
+                "inf",
+                "NaN",
+                "5/s",
+            ],
+        );
+        edges::<LoadArgs>(
+            l,
+            "--duration",
+            &["0.001", "5", "600"],
+            &["0", "0.0009", "-1", "600.1", "1e20", "inf", "NaN", "5s"],
+        );
+        let e = LoadArgs::try_parse_from(["loadgen", "--rate", "1e300"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("must be from 0.001 to 100000000 requests per second"),
+            "{e}"
         );
     }
 

@@ -110,23 +110,14 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         (None, Some(_)) => MAX_DURATION_S,
         (None, None) => 5.0,
     };
-    if !(duration > 0.0 && duration <= MAX_DURATION_S) {
-        bail!("--duration must be more than 0 and at most {MAX_DURATION_S} seconds");
-    }
-    if let Some(rate) = args.rate {
-        if !(rate.is_finite() && rate > 0.0) {
-            bail!("--rate must be a positive number of requests per second");
-        }
-    }
-    if args.requests == Some(0) {
-        bail!("--requests must be at least 1");
-    }
     let processes = if args.child { 1 } else { args.processes };
     let plan = Plan {
         server,
         pacing: match args.rate {
+            // A child is told the whole rate and --processes, so that what
+            // it parses is what the user gave, bounds and all.
             Some(rate) => Pacing::Open {
-                rate: rate / f64::from(processes),
+                rate: rate / f64::from(args.processes),
             },
             None => Pacing::Closed {
                 window: args.window as usize,
@@ -209,8 +200,9 @@ fn run_processes(args: &LoadArgs, plan: &Plan, processes: u32) -> Result<Tally> 
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        if let Pacing::Open { rate } = plan.pacing {
-            cmd.args(["--rate", &rate.to_string()]);
+        if let Some(rate) = args.rate {
+            cmd.args(["--rate", &rate.to_string()])
+                .args(["--processes", &processes.to_string()]);
         }
         if let Some(n) = total {
             let mine = share(n, processes, i);
@@ -743,16 +735,26 @@ impl Flow {
     }
 }
 
+/// Ring slots of one process, all sockets together (40 bytes each: 160 MiB).
+const MAX_RING_SLOTS: usize = 1 << 22;
+/// Ring slots of one socket, at least.
+const MIN_RING_SLOTS: usize = 4096;
+
 /// The ring size for each socket: room for the requests outstanding at
-/// once in the usual case; slower ones move to the flow's stragglers.
+/// once in the usual case; slower ones move to the flow's stragglers. All
+/// sockets' rings together stay within [`MAX_RING_SLOTS`] (or the minimum
+/// per socket), whatever --window, --rate, --timeout-ms and --sockets
+/// multiply to.
 fn ring_capacity(plan: &Plan) -> usize {
     let need = match plan.pacing {
-        Pacing::Closed { window } => window * 4,
+        Pacing::Closed { window } => window.saturating_mul(4),
         Pacing::Open { rate } => {
             (rate / plan.sockets as f64 * plan.timeout.as_secs_f64() * 2.0) as usize
         }
     };
-    need.clamp(4096, 1 << 21).next_power_of_two()
+    // Both powers of two, so the result is one and never above `most`.
+    let most = (MAX_RING_SLOTS / plan.sockets.next_power_of_two()).max(MIN_RING_SLOTS);
+    need.clamp(MIN_RING_SLOTS, most).next_power_of_two()
 }
 
 /// Runs one load process: its sockets, one poll loop, until the sending
@@ -996,97 +998,134 @@ fn poll_for(fds: &mut [libc::pollfd], ns: u64) -> Result<()> {
 mod tests {
     use super::*;
 
-    /// A tiny square server on a thread: answers JSON squares correctly,
-    /// except that every `dup_every`-th reply is sent twice and every
-    /// `drop_every`-th request gets no reply.
-    fn square_server(drop_every: u64, dup_every: u64) -> (SocketAddr, std::thread::JoinHandle<()>) {
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
-        let addr = sock.local_addr().unwrap();
-        let h = std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            let mut n = 0u64;
-            while let Ok((len, from)) = sock.recv_from(&mut buf) {
-                n += 1;
-                if n.checked_rem(drop_every) == Some(0) {
-                    continue;
+    /// What a test server thread receives to stop: sent by
+    /// [`FakeServer::stop`] once the run is over. A server that stopped on a
+    /// silence instead gave up too early on a busy machine, when the load
+    /// generator was descheduled or waiting out a timeout.
+    const STOP: &[u8] = b"stop";
+
+    /// A UDP server on a thread that answers until [`FakeServer::stop`].
+    struct FakeServer {
+        addr: SocketAddr,
+        thread: std::thread::JoinHandle<()>,
+    }
+
+    impl FakeServer {
+        /// Starts `serve`, called for each datagram but [`STOP`] with the
+        /// socket, the datagram, its sender and how many came before it.
+        fn start(
+            mut serve: impl FnMut(&UdpSocket, &[u8], SocketAddr, u64) + Send + 'static,
+        ) -> FakeServer {
+            let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+            // Only a safety net, should `stop` never come: a run is over
+            // long before.
+            sock.set_read_timeout(Some(Duration::from_secs(120)))
+                .unwrap();
+            let addr = sock.local_addr().unwrap();
+            let thread = std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                let mut n = 0;
+                while let Ok((len, from)) = sock.recv_from(&mut buf) {
+                    if &buf[..len] == STOP {
+                        break;
+                    }
+                    serve(&sock, &buf[..len], from, n);
+                    n += 1;
                 }
-                let v: serde_json::Value = serde_json::from_slice(&buf[..len]).unwrap();
-                let x = v["n"].as_i64().unwrap() as i128;
-                let reply = format!(
-                    r#"{{"ok":true,"op":"square","result":{},"worker_pid":7,"id":{}}}"#,
-                    x * x,
-                    v["id"]
-                );
-                sock.send_to(reply.as_bytes(), from).unwrap();
-                if n.checked_rem(dup_every) == Some(0) {
-                    sock.send_to(reply.as_bytes(), from).unwrap();
-                }
+            });
+            FakeServer { addr, thread }
+        }
+
+        /// Stops the server and waits for its thread.
+        fn stop(self) {
+            let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+            sock.send_to(STOP, self.addr).unwrap();
+            self.thread.join().unwrap();
+        }
+    }
+
+    /// A correct JSON reply to the square request `datagram`.
+    fn square_reply(datagram: &[u8]) -> String {
+        let v: serde_json::Value = serde_json::from_slice(datagram).unwrap();
+        let x = i128::from(v["n"].as_i64().unwrap());
+        format!(
+            r#"{{"ok":true,"op":"square","result":{},"worker_pid":7,"id":{}}}"#,
+            x * x,
+            v["id"]
+        )
+    }
+
+    /// A tiny square server: answers JSON squares correctly, except that
+    /// every `dup_every`-th reply is sent twice and every `drop_every`-th
+    /// request gets no reply (0: never).
+    fn square_server(drop_every: u64, dup_every: u64) -> FakeServer {
+        FakeServer::start(move |sock, datagram, from, before| {
+            let n = before + 1;
+            if n.checked_rem(drop_every) == Some(0) {
+                return;
             }
-        });
-        (addr, h)
+            let reply = square_reply(datagram);
+            sock.send_to(reply.as_bytes(), from).unwrap();
+            if n.checked_rem(dup_every) == Some(0) {
+                sock.send_to(reply.as_bytes(), from).unwrap();
+            }
+        })
     }
 
     #[test]
     fn slow_replies_outlive_the_ring() {
         // The first request is answered only after 6000 others: its ring
         // slot has been reused by then, yet it must count as answered.
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
-        let addr = sock.local_addr().unwrap();
-        let h = std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            let mut held = None;
-            let mut n = 0;
-            while let Ok((len, from)) = sock.recv_from(&mut buf) {
-                n += 1;
-                let v: serde_json::Value = serde_json::from_slice(&buf[..len]).unwrap();
-                let x = i128::from(v["n"].as_i64().unwrap());
-                let reply = format!(
-                    r#"{{"ok":true,"op":"square","result":{},"worker_pid":7,"id":{}}}"#,
-                    x * x,
-                    v["id"]
-                );
-                if n == 1 {
-                    held = Some((reply, from));
-                    continue;
-                }
-                sock.send_to(reply.as_bytes(), from).unwrap();
-                if n == 6000 {
-                    let (r, f) = held.take().unwrap();
-                    sock.send_to(r.as_bytes(), f).unwrap();
-                }
+        let mut held = None;
+        let server = FakeServer::start(move |sock, datagram, from, before| {
+            let reply = square_reply(datagram);
+            if before == 0 {
+                held = Some((reply, from));
+                return;
+            }
+            sock.send_to(reply.as_bytes(), from).unwrap();
+            if before + 1 == 6000 {
+                let (r, f) = held.take().unwrap();
+                sock.send_to(r.as_bytes(), f).unwrap();
             }
         });
-        let mut p = plan(addr, Pacing::Closed { window: 8 }, 7000);
+        let mut p = plan(server.addr, Pacing::Closed { window: 8 }, 7000);
         p.sockets = 1;
-        p.timeout = Duration::from_secs(5);
         let t = run_flows(&p).unwrap();
-        h.join().unwrap();
+        server.stop();
         assert_eq!((t.sent, t.answered, t.lost, t.late), (7000, 7000, 0, 0));
     }
 
+    /// A plan that sends `requests` to `server`. Its duration and timeout
+    /// are far longer than a run needs, so that a busy machine does not
+    /// turn a slow reply into a lost one: a run ends as soon as every
+    /// request is answered, and only a test that waits for a loss sets a
+    /// shorter timeout.
     fn plan(server: SocketAddr, pacing: Pacing, requests: u64) -> Plan {
         Plan {
             server,
             pacing,
             sockets: 2,
-            duration: Duration::from_secs(10),
+            duration: Duration::from_secs(60),
             requests: Some(requests),
             mix: Mix::default(),
             sleep_ms: 0,
-            timeout: Duration::from_millis(200),
+            timeout: Duration::from_secs(30),
             progress: false,
         }
     }
 
     #[test]
     fn closed_loop_counts_loss_and_duplicates() {
-        let (addr, h) = square_server(10, 7);
-        let t = run_flows(&plan(addr, Pacing::Closed { window: 4 }, 200)).unwrap();
-        h.join().unwrap();
+        let server = square_server(10, 7);
+        // A window of 2 x 16 holds all 20 unanswered requests at once: the
+        // run waits out the timeout once, not once per batch of losses.
+        let mut p = plan(server.addr, Pacing::Closed { window: 16 }, 200);
+        // A reply slower than this would count as lost: two seconds is far
+        // beyond what a busy machine delays a thread.
+        p.timeout = Duration::from_secs(2);
+        let t = run_flows(&p).unwrap();
+        server.stop();
         assert_eq!(t.sent, 200);
         assert_eq!(t.lost, 20);
         assert_eq!(t.answered, 180);
@@ -1101,11 +1140,11 @@ mod tests {
 
     #[test]
     fn open_loop_keeps_its_schedule() {
-        let (addr, h) = square_server(0, 0);
+        let server = square_server(0, 0);
         let start = Instant::now();
-        let t = run_flows(&plan(addr, Pacing::Open { rate: 1000.0 }, 200)).unwrap();
-        h.join().unwrap();
+        let t = run_flows(&plan(server.addr, Pacing::Open { rate: 1000.0 }, 200)).unwrap();
         let took = start.elapsed();
+        server.stop();
         assert_eq!((t.sent, t.answered, t.lost), (200, 200, 0));
         assert!(took >= Duration::from_millis(190), "{took:?}");
         assert!(t.send_ns >= 190_000_000, "{}", t.send_ns);
@@ -1129,5 +1168,39 @@ mod tests {
         assert_eq!(ring_capacity(&p), 1 << 20);
         p.pacing = Pacing::Closed { window: 64 };
         assert_eq!(ring_capacity(&p), 4096);
+    }
+
+    #[test]
+    fn rings_stay_bounded_however_the_options_multiply() {
+        let mut p = plan(
+            "127.0.0.1:1".parse().unwrap(),
+            Pacing::Open {
+                rate: crate::cli::MAX_RATE,
+            },
+            1,
+        );
+        p.timeout = Duration::from_secs(60);
+        for sockets in [1, 2, 3, 64, 1000, 1024] {
+            p.sockets = sockets;
+            for pacing in [
+                Pacing::Open {
+                    rate: crate::cli::MAX_RATE,
+                },
+                Pacing::Closed { window: 65_536 },
+            ] {
+                p.pacing = pacing;
+                let ring = ring_capacity(&p);
+                assert!(ring.is_power_of_two(), "{ring}");
+                assert!(
+                    ring * sockets <= MAX_RING_SLOTS.max(MIN_RING_SLOTS * sockets),
+                    "{sockets} sockets x {ring} slots"
+                );
+            }
+        }
+        p.sockets = 1;
+        p.pacing = Pacing::Open {
+            rate: crate::cli::MIN_RATE,
+        };
+        assert_eq!(ring_capacity(&p), MIN_RING_SLOTS);
     }
 }

@@ -2,8 +2,19 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
+use clap::builder::NonEmptyStringValueParser;
 use clap::{Args, Parser, Subcommand};
+
+/// The longest `--request-timeout-ms` and `--graceful-timeout`: a day. Any
+/// longer is a mistake, and a bound keeps deadline arithmetic in range.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
+/// The largest `--max-requests` and `--journal-max-rows`: far more than
+/// any use, and far from overflowing when jitter or slack is added.
+pub const MAX_COUNT: u64 = 1_000_000_000_000;
+/// The largest `--max-requests-jitter`.
+pub const MAX_JITTER: u64 = 1_000_000_000;
 
 /// udp-pool: a UDP server that answers every datagram through a fixed pool
 /// of worker processes; each reply names the PID of the worker that made it.
@@ -54,21 +65,26 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 128, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub max_inflight: u32,
 
-    /// A worker whose oldest request is older than this is killed; its requests get `timeout`.
-    #[arg(long, default_value_t = 30_000, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    /// A worker whose oldest request is older than this is killed; its requests get `timeout`
+    /// (at most a day).
+    #[arg(long, default_value_t = 30_000, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT.as_millis() as u64))]
     pub request_timeout_ms: u64,
 
-    /// On TERM/INT, how long workers may take to answer what they hold before they are killed.
-    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
-    pub graceful_timeout: f64,
+    /// On TERM/INT, how long workers may take to answer what they hold before they are killed
+    /// (at most a day; fractions allowed).
+    #[arg(long, default_value = "30", value_name = "SECONDS", value_parser = parse_graceful_timeout)]
+    pub graceful_timeout: Duration,
 
     /// A worker retires after this many requests and is replaced (0: never). 1 gives the
     /// lecture's one-process-per-request server.
-    #[arg(long, default_value_t = 0, value_name = "N")]
+    #[arg(long, default_value_t = 0, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(0..=MAX_COUNT))]
     pub max_requests: u64,
 
     /// Adds a random 0..=N to each worker's --max-requests, so workers do not all retire at once.
-    #[arg(long, default_value_t = 0, value_name = "N")]
+    #[arg(long, default_value_t = 0, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(0..=MAX_JITTER))]
     pub max_requests_jitter: u64,
 
     /// Lets `{"op":"crash"}` abort the worker that gets it (for testing recovery).
@@ -76,11 +92,13 @@ pub struct ServeArgs {
     pub enable_fault_injection: bool,
 
     /// The SQLite journal of requests and workers; `none` turns it off.
-    #[arg(long, default_value = "udp-pool-journal.db", value_name = "PATH|none")]
+    #[arg(long, default_value = "udp-pool-journal.db", value_name = "PATH|none",
+          value_parser = NonEmptyStringValueParser::new())]
     pub journal: String,
 
     /// Rows of the `requests` table kept; older ones are deleted in batches.
-    #[arg(long, default_value_t = 1_000_000, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 1_000_000, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=MAX_COUNT))]
     pub journal_max_rows: u64,
 
     /// Sources whose replies have no bound and no rate limit; `none` trusts
@@ -117,4 +135,107 @@ fn parse_trusted(s: &str) -> Result<Option<ipnet::IpNet>, String> {
     s.parse::<std::net::IpAddr>()
         .map(|ip| Some(ipnet::IpNet::from(ip)))
         .map_err(|_| format!("{s:?} is not a CIDR (like 10.0.0.0/8), an address, or none"))
+}
+
+/// Parses `--graceful-timeout`: seconds, 0 to [`MAX_TIMEOUT`].
+fn parse_graceful_timeout(text: &str) -> Result<Duration, String> {
+    let max = MAX_TIMEOUT.as_secs_f64();
+    let seconds: f64 = text
+        .parse()
+        .map_err(|_| "expected a number of seconds, like 30 or 0.5".to_owned())?;
+    // Also refuses NaN and infinities, which no range contains.
+    if !(0.0..=max).contains(&seconds) {
+        return Err(format!("must be between 0 and {max} seconds (a day)"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("master").chain(args.iter().copied()))
+    }
+
+    /// `option value` parses or not, for each of `values`.
+    #[track_caller]
+    fn edges(option: &str, ok: &[&str], refused: &[&str]) {
+        for v in ok {
+            let arg = format!("{option}={v}");
+            if let Err(e) = parse(&[&arg]) {
+                panic!("{arg} should parse: {e}");
+            }
+        }
+        for v in refused {
+            let arg = format!("{option}={v}");
+            assert!(parse(&[&arg]).is_err(), "{arg} should be refused");
+        }
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+        let cli = parse(&[]).unwrap();
+        assert_eq!(cli.serve.graceful_timeout, Duration::from_secs(30));
+        assert_eq!(cli.serve.workers, 4);
+    }
+
+    #[test]
+    fn every_number_has_its_bounds() {
+        edges("--workers", &["0", "512"], &["-1", "513", "x"]);
+        edges("--max-datagram", &["1", "65507"], &["0", "65508"]);
+        edges("--max-inflight", &["1", "65536"], &["0", "65537"]);
+        edges(
+            "--request-timeout-ms",
+            &["1", "86400000"],
+            &["0", "86400001", "18446744073709551615"],
+        );
+        edges(
+            "--max-requests",
+            &["0", "1", "1000000000000"],
+            &["1000000000001", "18446744073709551615"],
+        );
+        edges(
+            "--max-requests-jitter",
+            &["0", "1000000000"],
+            &["1000000001", "18446744073709551615"],
+        );
+        edges(
+            "--journal-max-rows",
+            &["1", "1000000000000"],
+            &["0", "1000000000001", "18446744073709551615"],
+        );
+        edges("--journal", &["none", "j.db"], &[""]);
+        edges(
+            "--bind",
+            &["127.0.0.1:0", "[::1]:65535"],
+            &["127.0.0.1:65536", "x"],
+        );
+    }
+
+    #[test]
+    fn graceful_timeout_is_seconds_up_to_a_day() {
+        edges(
+            "--graceful-timeout",
+            &["0", "-0", "0.001", "30", "86400"],
+            &["-1", "86400.001", "1e20", "inf", "NaN", "", "30s"],
+        );
+        let half = parse(&["--graceful-timeout", "0.5"]).unwrap();
+        assert_eq!(half.serve.graceful_timeout, Duration::from_millis(500));
+        let day = parse(&["--graceful-timeout", "86400"]).unwrap();
+        assert_eq!(day.serve.graceful_timeout, MAX_TIMEOUT);
+        let e = parse(&["--graceful-timeout", "1e20"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("between 0 and 86400 seconds"), "{e}");
+    }
+
+    #[test]
+    fn report_takes_its_own_options() {
+        let cli = parse(&["report", "--journal", "j.db", "--since", "1h", "--json"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Report(r)) if r.json));
+        assert!(parse(&["report"]).is_err(), "--journal is required");
+    }
 }

@@ -29,11 +29,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::exit::{exit_status_text, ExitReason};
 use anyhow::{bail, Context as _};
 use protocol::frame::MAX_DONE_ID;
-use protocol::{Op, Outcome};
+use protocol::{IdValue, Op, Outcome};
+use rusqlite::types::Null;
 use rusqlite::{params, Connection, OpenFlags, Statement, TransactionBehavior};
 
 /// The schema version this code writes and reads, kept in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// How far the writer may fall behind, in queued rows, before batches are
 /// shed: about 0.2 s of full load, and with the batch the writer holds,
@@ -73,23 +74,36 @@ macro_rules! iso_utc {
     };
 }
 
-/// Version 1 of the schema. `docs/JOURNAL.md` explains every column.
-const SCHEMA: &str = concat!(
-    "CREATE TABLE requests (
+/// The `requests` table of schema version 2 and its index: made by
+/// [`SCHEMA`], and by [`MIGRATE_FROM_1`] from a version 1 journal.
+/// `request_id` has no declared type, so SQLite keeps each id as it is
+/// bound: INTEGER, REAL or TEXT ([`bind_request_id`]).
+macro_rules! requests_table {
+    () => {
+        concat!(
+            "CREATE TABLE requests (
         id          INTEGER PRIMARY KEY,
         ts_us       INTEGER NOT NULL,
         ts          TEXT GENERATED ALWAYS AS (",
-    iso_utc!("ts_us"),
-    ") VIRTUAL,
+            iso_utc!("ts_us"),
+            ") VIRTUAL,
         client      TEXT NOT NULL,
-        request_id  TEXT,
+        request_id,
         op          TEXT NOT NULL,
         worker_pid  INTEGER,
         outcome     TEXT NOT NULL,
         latency_us  INTEGER NOT NULL
     );
     CREATE INDEX requests_ts ON requests(ts_us);
-    CREATE TABLE workers (
+    "
+        )
+    };
+}
+
+/// Version 2 of the schema. `docs/JOURNAL.md` explains every column.
+const SCHEMA: &str = concat!(
+    requests_table!(),
+    "    CREATE TABLE workers (
         id              INTEGER PRIMARY KEY,
         pid             INTEGER NOT NULL,
         started_us      INTEGER,
@@ -117,7 +131,27 @@ const SCHEMA: &str = concat!(
         count   INTEGER NOT NULL DEFAULT 0,
         detail  TEXT
     );
-    PRAGMA user_version = 1;"
+    PRAGMA user_version = 2;"
+);
+
+/// From schema version 1, whose `request_id` was TEXT holding the id's raw
+/// JSON (`7`, `"abc"`), to version 2: the same rows, each id as the value
+/// it denotes, decoded by SQLite's own JSON functions with the rule of
+/// [`protocol::id_value`] (a string cut short loses its opening quote).
+const MIGRATE_FROM_1: &str = concat!(
+    "ALTER TABLE requests RENAME TO requests_v1;
+    DROP INDEX requests_ts;
+    ",
+    requests_table!(),
+    "INSERT INTO requests (id, ts_us, client, request_id, op, worker_pid, outcome, latency_us)
+        SELECT id, ts_us, client,
+            CASE WHEN json_valid(request_id) THEN json_extract(request_id, '$')
+                 WHEN request_id LIKE '\"%' THEN substr(request_id, 2)
+                 ELSE request_id END,
+            op, worker_pid, outcome, latency_us
+        FROM requests_v1;
+    DROP TABLE requests_v1;
+    PRAGMA user_version = 2;"
 );
 
 const INSERT_REQUEST: &str = "INSERT INTO requests \
@@ -178,7 +212,7 @@ pub fn now_unix_us() -> i64 {
     }
 }
 
-/// A request's raw JSON id (`7`, `"abc"`), stored inline so a
+/// A request's raw JSON id (`7`, `"abc"`), kept inline so a
 /// [`RequestRow`] needs no heap allocation. Longer ids are cut at
 /// [`MAX_DONE_ID`] bytes, as in the worker's completion frame.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -240,7 +274,8 @@ pub struct RequestRow {
     /// The client's address, stored as `ip:port` text.
     pub client: SocketAddr,
     /// The raw JSON id text (`7`, `"abc"`), or `None` for text-dialect requests
-    /// and JSON requests without an id.
+    /// and JSON requests without an id; stored as the value it denotes
+    /// (`7`, `abc`).
     pub request_id: Option<RequestId>,
     /// What the request asked for.
     pub op: Op,
@@ -529,6 +564,11 @@ impl WriterDb {
                 }
                 tx.execute_batch(SCHEMA)?;
             }
+            1 => {
+                log::info!("journal: schema version 1 -> 2 (request ids as values)");
+                tx.execute_batch(MIGRATE_FROM_1)
+                    .context("cannot migrate the journal from schema version 1")?;
+            }
             SCHEMA_VERSION => {}
             v => bail!(
                 "journal schema version {v} is newer than this master understands ({SCHEMA_VERSION})"
@@ -800,6 +840,30 @@ fn trim_aux_tables(tx: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Binds a request's id to parameter `index` as the value it denotes
+/// ([`protocol::id_value`]): a string as TEXT without its quotes, an
+/// integer as INTEGER, another number as REAL, `true`/`false` as 1/0 (as
+/// SQLite reads them), and `null`, like no id, as NULL. Allocates only for
+/// a string with escapes.
+fn bind_request_id(
+    stmt: &mut Statement<'_>,
+    index: usize,
+    id: Option<&RequestId>,
+) -> rusqlite::Result<()> {
+    let Some(id) = id else {
+        return stmt.raw_bind_parameter(index, Null);
+    };
+    // Borrowed unless a cut left bytes that are not UTF-8.
+    let raw = String::from_utf8_lossy(id.as_bytes());
+    match protocol::id_value(&raw) {
+        IdValue::Text(text) => stmt.raw_bind_parameter(index, &*text),
+        IdValue::Integer(n) => stmt.raw_bind_parameter(index, n),
+        IdValue::Real(x) => stmt.raw_bind_parameter(index, x),
+        IdValue::Bool(b) => stmt.raw_bind_parameter(index, i64::from(b)),
+        IdValue::Null => stmt.raw_bind_parameter(index, Null),
+    }
+}
+
 /// Binds `row` to the parameters `offset + 1 ..= offset + REQUEST_COLUMNS`
 /// of `stmt`, in the column order of [`INSERT_REQUEST`]. SQLite copies the
 /// text it is given, so `client_buf` can be reused for the next row.
@@ -810,20 +874,9 @@ fn bind_request(
     client_buf: &mut [u8; 64],
 ) -> rusqlite::Result<()> {
     let client = format_client(row.client, client_buf);
-    let lossy;
-    let request_id = match &row.request_id {
-        None => None,
-        Some(id) => match id.as_str() {
-            Some(s) => Some(s),
-            None => {
-                lossy = String::from_utf8_lossy(id.as_bytes());
-                Some(&*lossy)
-            }
-        },
-    };
     stmt.raw_bind_parameter(offset + 1, row.ts_unix_us)?;
     stmt.raw_bind_parameter(offset + 2, client.as_ref())?;
-    stmt.raw_bind_parameter(offset + 3, request_id)?;
+    bind_request_id(stmt, offset + 3, row.request_id.as_ref())?;
     stmt.raw_bind_parameter(offset + 4, row.op.as_str())?;
     stmt.raw_bind_parameter(offset + 5, row.worker_pid)?;
     stmt.raw_bind_parameter(offset + 6, row.outcome.as_str())?;
@@ -851,6 +904,7 @@ fn format_client(addr: SocketAddr, buf: &mut [u8; 64]) -> std::borrow::Cow<'_, s
 mod tests {
     use super::*;
     use protocol::ErrorCode;
+    use rusqlite::types::Value;
 
     /// A varied row: an id on every other one, the master answering every
     /// fifth, `busy` every seventh.
@@ -889,7 +943,10 @@ mod tests {
         let path = dir.path().join("j.db");
         Journal::open(&path, 1000).unwrap().close();
         let conn = read_conn(&path);
-        assert_eq!(count(&conn, "PRAGMA user_version"), 1);
+        assert_eq!(
+            count(&conn, "PRAGMA user_version"),
+            i64::from(SCHEMA_VERSION)
+        );
         let mode: String = conn
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
@@ -912,7 +969,10 @@ mod tests {
         );
         // Reopening an existing journal works and keeps the schema.
         Journal::open(&path, 1000).unwrap().close();
-        assert_eq!(count(&conn, "PRAGMA user_version"), 1);
+        assert_eq!(
+            count(&conn, "PRAGMA user_version"),
+            i64::from(SCHEMA_VERSION)
+        );
     }
 
     #[test]
@@ -961,8 +1021,8 @@ mod tests {
             );
             assert_eq!(r.get::<_, String>(2).unwrap(), want.client.to_string());
             assert_eq!(
-                r.get::<_, Option<String>>(3).unwrap().as_deref(),
-                want.request_id.as_ref().and_then(|id| id.as_str())
+                r.get::<_, Option<i64>>(3).unwrap(),
+                want.request_id.map(|_| i as i64)
             );
             assert_eq!(r.get::<_, String>(4).unwrap(), "square");
             assert_eq!(r.get::<_, Option<u32>>(5).unwrap(), want.worker_pid);
@@ -1110,6 +1170,139 @@ mod tests {
             ),
             MAX_QUEUED_ROWS as i64 + 1
         );
+    }
+
+    /// Raw JSON ids, as completions carry them, and the value each is
+    /// stored as.
+    fn ids_and_values() -> Vec<(String, Value)> {
+        let cut = format!("\"{}", "x".repeat(MAX_DONE_ID - 1));
+        vec![
+            (r#""abc""#.into(), Value::Text("abc".into())),
+            (r#""7""#.into(), Value::Text("7".into())),
+            (r#""""#.into(), Value::Text(String::new())),
+            (r#""a\"b\u00e9""#.into(), Value::Text("a\"bé".into())),
+            ("7".into(), Value::Integer(7)),
+            ("-12".into(), Value::Integer(-12)),
+            ("9223372036854775807".into(), Value::Integer(i64::MAX)),
+            (
+                "9223372036854775808".into(),
+                Value::Real(9.223_372_036_854_776e18),
+            ),
+            ("1.50".into(), Value::Real(1.5)),
+            ("2e3".into(), Value::Real(2000.0)),
+            ("true".into(), Value::Integer(1)),
+            ("false".into(), Value::Integer(0)),
+            ("null".into(), Value::Null),
+            (cut.clone(), Value::Text(cut[1..].to_owned())),
+        ]
+    }
+
+    fn stored_ids(conn: &Connection) -> Vec<Value> {
+        let mut stmt = conn
+            .prepare("SELECT request_id FROM requests ORDER BY id")
+            .unwrap();
+        let ids = stmt.query_map([], |r| r.get::<_, Value>(0)).unwrap();
+        ids.map(Result::unwrap).collect()
+    }
+
+    #[test]
+    fn request_ids_are_stored_as_the_values_they_denote() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.db");
+        let journal = Journal::open(&path, 1000).unwrap();
+        let cases = ids_and_values();
+        let mut batch: Vec<RequestRow> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, (raw, _))| RequestRow {
+                request_id: Some(RequestId::new(raw.as_bytes())),
+                ..row(i as u64)
+            })
+            .collect();
+        batch.push(RequestRow {
+            request_id: None,
+            ..row(99)
+        });
+        journal.submit(&mut batch);
+        journal.close();
+        let conn = read_conn(&path);
+        let mut want: Vec<Value> = cases.into_iter().map(|(_, v)| v).collect();
+        want.push(Value::Null);
+        assert_eq!(stored_ids(&conn), want);
+        // So an operator finds them as written.
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT count(*) FROM requests WHERE request_id = 'abc'"
+            ),
+            1
+        );
+        assert_eq!(
+            count(&conn, "SELECT count(*) FROM requests WHERE request_id = 7"),
+            1
+        );
+    }
+
+    #[test]
+    fn a_version_1_journal_is_migrated_with_its_ids_as_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.db");
+        let cases = ids_and_values();
+        {
+            // Version 1: the same tables, but `request_id TEXT` holding the
+            // id's raw JSON.
+            let conn = Connection::open(&path).unwrap();
+            let v1 = SCHEMA
+                .replace("request_id,", "request_id  TEXT,")
+                .replace("user_version = 2", "user_version = 1");
+            conn.execute_batch(&v1).unwrap();
+            for (i, (raw, _)) in cases.iter().enumerate() {
+                conn.execute(
+                    "INSERT INTO requests (ts_us, client, request_id, op, outcome, latency_us) \
+                     VALUES (?1, '127.0.0.1:5', ?2, 'square', 'ok', 1)",
+                    params![i as i64, raw],
+                )
+                .unwrap();
+            }
+            conn.execute(
+                "INSERT INTO requests (ts_us, client, request_id, op, outcome, latency_us) \
+                 VALUES (99, '127.0.0.1:5', NULL, 'hello', 'ok', 1)",
+                [],
+            )
+            .unwrap();
+        }
+        Journal::open(&path, 1000).unwrap().close();
+        let conn = read_conn(&path);
+        assert_eq!(count(&conn, "PRAGMA user_version"), 2);
+        let mut want: Vec<Value> = cases.into_iter().map(|(_, v)| v).collect();
+        want.push(Value::Null);
+        // SQLite's JSON functions read each id as protocol::id_value does.
+        assert_eq!(stored_ids(&conn), want);
+        let tables: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_schema ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(
+            tables,
+            [
+                "journal_events",
+                "requests",
+                "requests_ts",
+                "workers",
+                "workers_pid"
+            ]
+        );
+        let ts: String = conn
+            .query_row("SELECT ts FROM requests WHERE ts_us = 99", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(ts, "1970-01-01T00:00:00.000099Z");
+        let check: String = conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(check, "ok");
     }
 
     #[test]

@@ -43,13 +43,7 @@ use anyhow::{bail, Context};
 /// # Errors
 /// When the server cannot start (socket, journal, workers) or its loop fails.
 pub fn serve(args: &cli::ServeArgs) -> anyhow::Result<()> {
-    let worker_path = match &args.worker_path {
-        Some(p) => p.clone(),
-        None => default_worker_path()?,
-    };
-    if !(args.graceful_timeout.is_finite() && args.graceful_timeout >= 0.0) {
-        bail!("--graceful-timeout must be a number of seconds >= 0");
-    }
+    let worker_path = worker_path(args)?;
     let cfg = arbiter::Config {
         bind: args.bind,
         workers: usize::from(args.workers),
@@ -57,7 +51,7 @@ pub fn serve(args: &cli::ServeArgs) -> anyhow::Result<()> {
         max_datagram: args.max_datagram as usize,
         max_inflight: args.max_inflight as usize,
         request_timeout: Duration::from_millis(args.request_timeout_ms),
-        graceful_timeout: Duration::from_secs_f64(args.graceful_timeout),
+        graceful_timeout: args.graceful_timeout,
         max_requests: args.max_requests,
         max_requests_jitter: args.max_requests_jitter,
         fault_injection: args.enable_fault_injection,
@@ -76,8 +70,28 @@ pub fn serve(args: &cli::ServeArgs) -> anyhow::Result<()> {
     arbiter::Arbiter::new(cfg)?.run()
 }
 
-/// The `worker` executable next to the running `master`.
-fn default_worker_path() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("cannot locate the master executable")?;
-    Ok(exe.with_file_name("worker"))
+/// The worker executable: `--worker-path`, else `worker` next to the
+/// running `master` (where `cargo build` and `cargo install --path .` put
+/// both). Checked here, with what to do about it, so that a missing worker
+/// is one clear line and not a failed spawn.
+///
+/// # Errors
+/// When the master's own path is unknown, or (with a pool) the worker is
+/// not a file.
+fn worker_path(args: &cli::ServeArgs) -> anyhow::Result<PathBuf> {
+    let (path, hint) = match &args.worker_path {
+        Some(p) => (p.clone(), "check --worker-path"),
+        None => {
+            let exe = std::env::current_exe().context("cannot locate the master executable")?;
+            (
+                exe.with_file_name("worker"),
+                "build both with `cargo build --release` at the repository's root, \
+                 install both with `cargo install --path .`, or pass --worker-path",
+            )
+        }
+    };
+    if args.workers > 0 && !path.is_file() {
+        bail!("worker executable {} not found: {hint}", path.display());
+    }
+    Ok(path)
 }

@@ -45,8 +45,7 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
         Some(s) => Some(parse_since(s)?),
         None => None,
     };
-    let since_us = since
-        .map(|d| now_unix_us().saturating_sub(i64::try_from(d.as_micros()).unwrap_or(i64::MAX)));
+    let since_us = since.map(|d| window_start_us(now_unix_us(), d));
     let mut report = Report::collect(&args.journal, since_us)?;
     report.since = args.since.clone();
     let mut out = io::stdout().lock();
@@ -63,6 +62,13 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
         }
         _ => Ok(()),
     }
+}
+
+/// The first instant (unix µs) of the window of length `since` that ends
+/// at `now_us`; any `--since`, however long, reaches back at most to the
+/// earliest time there is.
+fn window_start_us(now_us: i64, since: Duration) -> i64 {
+    now_us.saturating_sub(i64::try_from(since.as_micros()).unwrap_or(i64::MAX))
 }
 
 /// Parses a `--since` duration: one or more `<number><unit>` with units
@@ -526,8 +532,10 @@ fn open_read_only(path: &Path) -> anyhow::Result<Connection> {
     conn.busy_timeout(Duration::from_secs(5))?;
     // The first read of the header: a non-SQLite file fails here.
     let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if version != SCHEMA_VERSION {
-        bail!("not a udp-pool journal (schema version {version}, expected {SCHEMA_VERSION})");
+    // Version 1 differs only in how `request_id` is stored, which the
+    // report does not read; reading must not migrate it.
+    if !(1..=SCHEMA_VERSION).contains(&version) {
+        bail!("not a udp-pool journal (schema version {version}, expected 1 to {SCHEMA_VERSION})");
     }
     Ok(conn)
 }
@@ -717,6 +725,24 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_journal_is_read_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sample(dir.path());
+        let version = |conn: &Connection| -> i32 {
+            conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+                .unwrap()
+        };
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("PRAGMA user_version = 1").unwrap();
+        let report = Report::collect(&path, None).unwrap();
+        assert_eq!(report.requests, 400);
+        assert_eq!(version(&conn), 1, "reading does not migrate");
+        conn.execute_batch("PRAGMA user_version = 3").unwrap();
+        let msg = format!("{:#}", Report::collect(&path, None).unwrap_err());
+        assert!(msg.contains("schema version 3"), "{msg}");
+    }
+
+    #[test]
     fn since_limits_the_requests() {
         let dir = tempfile::tempdir().unwrap();
         let path = sample(dir.path());
@@ -836,7 +862,22 @@ mod tests {
         assert_eq!(parse_since("2h").unwrap(), Duration::from_secs(7200));
         assert_eq!(parse_since("1d").unwrap(), Duration::from_secs(86_400));
         assert_eq!(parse_since("1h30m").unwrap(), Duration::from_secs(5400));
-        for bad in ["", "10", "m", "10x", "-5m", "1.5h", "99999999999999999999d"] {
+        // The longest --since: u64::MAX seconds, as days and seconds.
+        let max = parse_since("213503982334601d25215s").unwrap();
+        assert_eq!(max, Duration::from_secs(u64::MAX));
+        assert_eq!(window_start_us(0, max), -i64::MAX);
+        assert_eq!(window_start_us(i64::MIN + 1, max), i64::MIN);
+        for bad in [
+            "",
+            "10",
+            "m",
+            "10x",
+            "-5m",
+            "1.5h",
+            "99999999999999999999d",
+            "213503982334602d",
+            "213503982334601d25216s",
+        ] {
             let msg = parse_since(bad).unwrap_err().to_string();
             assert!(msg.starts_with("invalid --since"), "{bad:?}: {msg}");
         }

@@ -29,7 +29,7 @@ pub mod reply;
 pub mod request;
 
 pub use reply::{bound_reply, write_error, write_reply, ReplyContext};
-pub use request::{parse, Parsed, ProtocolError, Request};
+pub use request::{id_value, parse, IdValue, Parsed, ProtocolError, Request};
 
 /// The largest UDP payload that fits in one IPv4 datagram; a reply longer
 /// than this cannot be sent and becomes a `too_large` error instead.

@@ -388,6 +388,54 @@ fn json_number(raw: &str) -> Result<Number<'_>, ProtocolError> {
     }
 }
 
+/// The value a request's `id` denotes, for storing and comparing it (the
+/// journal): strings unescaped, numbers as numbers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum IdValue<'a> {
+    /// A string, its escapes decoded. A string cut short (a completion
+    /// carries at most [`crate::frame::MAX_DONE_ID`] bytes of the id) is its
+    /// text after the opening quote, as it is.
+    Text(Cow<'a, str>),
+    /// An integer that fits in an `i64`.
+    Integer(i64),
+    /// Any other number (a fraction, an exponent, a larger integer), to the
+    /// nearest `f64`.
+    Real(f64),
+    /// `true` or `false`.
+    Bool(bool),
+    /// `null`.
+    Null,
+}
+
+/// The value an id's raw JSON text (as in [`Parsed::id`]) denotes. Borrows
+/// from `raw` unless a string has escapes to decode.
+pub fn id_value(raw: &str) -> IdValue<'_> {
+    match raw {
+        "true" => return IdValue::Bool(true),
+        "false" => return IdValue::Bool(false),
+        "null" => return IdValue::Null,
+        _ => {}
+    }
+    if let Some(body) = raw.strip_prefix('"') {
+        if !body.contains('\\') {
+            // Without escapes a quote can only be the closing one.
+            return IdValue::Text(Cow::Borrowed(body.strip_suffix('"').unwrap_or(body)));
+        }
+        return match serde_json::from_str::<String>(raw) {
+            Ok(text) => IdValue::Text(Cow::Owned(text)),
+            Err(_) => IdValue::Text(Cow::Borrowed(body)),
+        };
+    }
+    if let Ok(n) = raw.parse::<i64>() {
+        return IdValue::Integer(n);
+    }
+    match raw.parse::<f64>() {
+        Ok(x) => IdValue::Real(x),
+        // Not a JSON scalar: ids are checked before they get here.
+        Err(_) => IdValue::Text(Cow::Borrowed(raw)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -473,6 +521,37 @@ mod tests {
         let p = parse(br#"{"op":"square","n":2"#).unwrap();
         assert_eq!(p.id, None);
         assert_eq!(p.request.unwrap_err().code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn ids_denote_their_values() {
+        use super::{id_value, IdValue};
+        fn text(s: &str) -> IdValue<'_> {
+            IdValue::Text(Cow::Borrowed(s))
+        }
+        assert_eq!(id_value(r#""abc""#), text("abc"));
+        assert_eq!(id_value(r#""""#), text(""));
+        assert_eq!(id_value(r#""7""#), text("7"));
+        assert_eq!(
+            id_value(r#""a\"b\u0041\\""#),
+            IdValue::Text(Cow::Owned("a\"bA\\".to_owned()))
+        );
+        // Cut short by a completion frame: the text as it is.
+        assert_eq!(id_value(r#""abc"#), text("abc"));
+        assert_eq!(id_value(r#""a\u00"#), text("a\\u00"));
+        assert_eq!(id_value("7"), IdValue::Integer(7));
+        assert_eq!(id_value("-0"), IdValue::Integer(0));
+        assert_eq!(id_value("-9223372036854775808"), IdValue::Integer(i64::MIN));
+        assert_eq!(
+            id_value("9223372036854775808"),
+            IdValue::Real(9.223_372_036_854_776e18)
+        );
+        assert_eq!(id_value("1.50"), IdValue::Real(1.5));
+        assert_eq!(id_value("1e3"), IdValue::Real(1000.0));
+        assert_eq!(id_value("1e999"), IdValue::Real(f64::INFINITY));
+        assert_eq!(id_value("true"), IdValue::Bool(true));
+        assert_eq!(id_value("false"), IdValue::Bool(false));
+        assert_eq!(id_value("null"), IdValue::Null);
     }
 
     #[test]

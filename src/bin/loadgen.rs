@@ -8,7 +8,7 @@ use client::cli::LoadArgs;
 
 fn main() -> ExitCode {
     let args = LoadArgs::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    udp_pool::init_logging("warn");
     match client::load::run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -9,7 +9,7 @@ use client::oneshot::{self, NoReply, EXIT_NO_REPLY};
 
 fn main() -> ExitCode {
     let args = ClientArgs::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    udp_pool::init_logging("warn");
     match oneshot::run(&args) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

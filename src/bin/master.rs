@@ -7,7 +7,7 @@ use master::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    udp_pool::init_logging("info");
     let result = match &cli.command {
         Some(Command::Report(args)) => master::report::run(args),
         None => master::serve(&cli.serve),

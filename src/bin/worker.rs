@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    udp_pool::init_logging("info");
     let Ok(value) = std::env::var(protocol::handoff::ENV) else {
         eprintln!(
             "worker: this program is started by `master` (try `master --workers 4`), not by hand"
