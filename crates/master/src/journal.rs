@@ -355,14 +355,24 @@ impl Journal {
     /// and starts the writer thread. `requests` is kept near `max_rows` rows
     /// (0: no limit).
     ///
+    /// The file is private to the master's user: created with mode 0600
+    /// (SQLite gives its `-wal` and `-shm` files the database's mode), an
+    /// existing one readable by others is made 0600, with a warning. It is
+    /// never reached through a symbolic link, so no one who can write its
+    /// directory can point the master (often root) at another file.
+    ///
     /// # Errors
-    /// An error naming the journal and its path when the file cannot be
-    /// opened or written, is not SQLite, is corrupt, holds some other
-    /// database, or has a newer schema version.
+    /// An error naming the journal and its path when the file is a symbolic
+    /// link or not a regular file, cannot be opened or written, is not
+    /// SQLite, is corrupt, holds some other database, or has a newer schema
+    /// version.
     pub fn open(path: &Path, max_rows: u64) -> anyhow::Result<Journal> {
+        let file = PrivateFile::open(path)?;
         // Only the SQLite message: its chain repeats it as "Error code 14: ...".
         let db = WriterDb::open(path, max_rows)
             .map_err(|e| anyhow::anyhow!("cannot open journal {}: {e}", path.display()))?;
+        file.check_still_at(path)?;
+        file.tighten(path);
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
                 rows: Vec::with_capacity(FLUSH_ROWS),
@@ -512,11 +522,118 @@ struct WriterDb {
     failed_batches: u64,
 }
 
+/// The mode of the journal and its `-wal` and `-shm` files.
+const PRIVATE_MODE: u32 = 0o600;
+
+/// The journal's file as the master itself found or made it before SQLite
+/// opens it: created with mode [`PRIVATE_MODE`], never through a symbolic
+/// link, and a regular file.
+///
+/// It holds no descriptor: SQLite's locks are POSIX record locks, which a
+/// process loses on a file when it closes *any* descriptor of that file,
+/// so nothing here opens the files (other than with `O_PATH`) while SQLite
+/// has them open.
+struct PrivateFile {
+    stat: nix::sys::stat::FileStat,
+}
+
+impl PrivateFile {
+    /// Opens or creates `path` (mode [`PRIVATE_MODE`]) without following a
+    /// symbolic link in its last component, checks that it is a regular
+    /// file, and closes it again.
+    fn open(path: &Path) -> anyhow::Result<PrivateFile> {
+        use nix::fcntl::OFlag;
+        use nix::sys::stat::Mode;
+        use std::os::fd::{FromRawFd, OwnedFd};
+        let flags = OFlag::O_RDWR
+            | OFlag::O_CREAT
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_CLOEXEC
+            | OFlag::O_NONBLOCK;
+        let raw = match nix::fcntl::open(path, flags, Mode::from_bits_truncate(PRIVATE_MODE)) {
+            Ok(fd) => fd,
+            Err(nix::errno::Errno::ELOOP) => bail!(
+                "journal {}: is a symbolic link; refusing to follow it (name the file itself)",
+                path.display()
+            ),
+            Err(e) => bail!("cannot open journal {}: {}", path.display(), e.desc()),
+        };
+        // SAFETY: `open` just returned this descriptor, and nothing else
+        // owns it; it closes at the end of this function.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let stat = nix::sys::stat::fstat(raw)
+            .map_err(|e| anyhow::anyhow!("cannot open journal {}: {}", path.display(), e.desc()))?;
+        drop(fd);
+        if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+            bail!("journal {}: not a regular file", path.display());
+        }
+        Ok(PrivateFile { stat })
+    }
+
+    /// Fails unless `path` still names the file [`PrivateFile::open`] saw
+    /// (so SQLite opened that file, and not one swapped in meanwhile).
+    fn check_still_at(&self, path: &Path) -> anyhow::Result<()> {
+        let now = nix::sys::stat::lstat(path).ok();
+        if now.is_none_or(|n| (n.st_dev, n.st_ino) != (self.stat.st_dev, self.stat.st_ino)) {
+            bail!(
+                "journal {}: the file was replaced while the master opened it",
+                path.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Makes the journal, and its `-wal` and `-shm` files, private to the
+    /// master's user when they are not: a journal an older master created
+    /// (0644), or one copied in, keeps clients' addresses from other users
+    /// from now on. Says so, once, when it changed a mode. Runs once SQLite
+    /// has accepted the file, so a file the master refuses is left as it
+    /// was; changes modes by name without following a symbolic link
+    /// (`fchmodat`, which opens only with `O_PATH`).
+    fn tighten(&self, path: &Path) {
+        use nix::sys::stat::{fchmodat, FchmodatFlags, Mode};
+        let mut changed = Vec::new();
+        let mut failed = Vec::new();
+        for suffix in ["", "-wal", "-shm"] {
+            let mut name = path.as_os_str().to_owned();
+            name.push(suffix);
+            let name = PathBuf::from(name);
+            let Ok(st) = nix::sys::stat::lstat(&name) else {
+                continue;
+            };
+            if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_mode & 0o077 == 0 {
+                continue;
+            }
+            let text = format!("{} ({:o})", name.display(), st.st_mode & 0o7777);
+            let private = Mode::from_bits_truncate(PRIVATE_MODE);
+            match fchmodat(None, &name, private, FchmodatFlags::NoFollowSymlink) {
+                Ok(()) => changed.push(text),
+                Err(e) => failed.push(format!("{text}: {}", e.desc())),
+            }
+        }
+        if !changed.is_empty() {
+            log::warn!(
+                "journal files readable by other users made {PRIVATE_MODE:o}: {}",
+                changed.join(", ")
+            );
+        }
+        if !failed.is_empty() {
+            log::warn!(
+                "journal files readable by other users could not be made {PRIVATE_MODE:o}: {}",
+                failed.join(", ")
+            );
+        }
+    }
+}
+
 impl WriterDb {
     fn open(path: &Path, max_rows: u64) -> anyhow::Result<WriterDb> {
+        // NOFOLLOW: SQLite refuses a symbolic link too (it would otherwise
+        // resolve one), should the name change after `PrivateFile::open`.
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_NOFOLLOW;
         let conn = Connection::open_with_flags(path, flags)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         // The first statement reads the header: a non-SQLite file fails here.
