@@ -91,6 +91,8 @@ pub struct Config {
     pub rate_limit: u32,
     /// Every N-th datagram over the limit gets `rate_limited` (0: none).
     pub rate_limit_slip: u32,
+    /// The user, group, limits and filter of every worker.
+    pub confinement: crate::privileges::Confinement,
 }
 
 /// Where the master is in its life.

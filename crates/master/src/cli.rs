@@ -7,6 +7,8 @@ use std::time::Duration;
 use clap::builder::NonEmptyStringValueParser;
 use clap::{Args, Parser, Subcommand};
 
+use crate::privileges::{DEFAULT_WORKER_MEMORY_MIB, MAX_WORKER_MEMORY_MIB, MIN_WORKER_MEMORY_MIB};
+
 /// The longest `--request-timeout-ms` and `--graceful-timeout`: a day. Any
 /// longer is a mistake, and a bound keeps deadline arithmetic in range.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
@@ -121,6 +123,43 @@ pub struct ServeArgs {
     /// error (the rest no reply); 0: none does.
     #[arg(long, default_value_t = 2, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub rate_limit_slip: u32,
+
+    /// Workers run as this user (a name, or a numeric ID), after the master
+    /// has bound the socket; needs a root master. Without it, a root master
+    /// warns that its workers run as root.
+    #[arg(long, value_name = "NAME", value_parser = NonEmptyStringValueParser::new())]
+    pub user: Option<String>,
+
+    /// Workers run with this group [default: the --user's primary group].
+    #[arg(long, value_name = "NAME", requires = "user",
+          value_parser = NonEmptyStringValueParser::new())]
+    pub group: Option<String>,
+
+    /// A worker's address space, in MiB (RLIMIT_AS); 0: unlimited. A worker
+    /// that reaches it fails to allocate, dies, and is replaced.
+    #[arg(long, default_value_t = DEFAULT_WORKER_MEMORY_MIB, value_name = "MIB",
+          value_parser = parse_worker_memory)]
+    pub worker_memory_limit: u64,
+
+    /// Workers run without their seccomp filter (which otherwise allows
+    /// only the system calls a started worker needs, and kills it for any
+    /// other).
+    #[arg(long)]
+    pub no_seccomp: bool,
+}
+
+/// Parses `--worker-memory-limit`: 0, or [`MIN_WORKER_MEMORY_MIB`] to
+/// [`MAX_WORKER_MEMORY_MIB`].
+fn parse_worker_memory(text: &str) -> Result<u64, String> {
+    let range = MIN_WORKER_MEMORY_MIB..=MAX_WORKER_MEMORY_MIB;
+    match text.parse::<u64>() {
+        Ok(mib) if mib == 0 || range.contains(&mib) => Ok(mib),
+        _ => Err(format!(
+            "expected 0 (unlimited) or {} to {} MiB",
+            range.start(),
+            range.end()
+        )),
+    }
 }
 
 /// A `--trusted` value: a CIDR (`10.0.0.0/8`), a bare address (a /32 or
@@ -209,10 +248,36 @@ mod tests {
         );
         edges("--journal", &["none", "j.db"], &[""]);
         edges(
+            "--worker-memory-limit",
+            &["0", "32", "256", "1048576"],
+            &["-1", "1", "31", "1048577", "18446744073709551615", "x", ""],
+        );
+        edges(
             "--bind",
             &["127.0.0.1:0", "[::1]:65535"],
             &["127.0.0.1:65536", "x"],
         );
+    }
+
+    #[test]
+    fn least_privilege_options() {
+        let cli = parse(&[]).unwrap();
+        assert_eq!(cli.serve.user, None);
+        assert_eq!(cli.serve.worker_memory_limit, DEFAULT_WORKER_MEMORY_MIB);
+        assert!(!cli.serve.no_seccomp);
+        let cli = parse(&["--user", "nobody", "--group", "nogroup", "--no-seccomp"]).unwrap();
+        assert_eq!(cli.serve.user.as_deref(), Some("nobody"));
+        assert_eq!(cli.serve.group.as_deref(), Some("nogroup"));
+        assert!(cli.serve.no_seccomp);
+        assert!(
+            parse(&["--group", "nogroup"]).is_err(),
+            "--group needs --user"
+        );
+        assert!(parse(&["--user", ""]).is_err());
+        let e = parse(&["--worker-memory-limit", "8"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("0 (unlimited) or 32 to 1048576 MiB"), "{e}");
     }
 
     #[test]

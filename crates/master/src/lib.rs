@@ -12,7 +12,8 @@
 //! * [`exit`]: how a worker's life ended (exit status and reason).
 //! * [`guard`]: trusted sources, the amplification bound, the rate limit.
 //! * [`ratelimit`]: per-prefix token buckets in a table of fixed size.
-//! * [`spawn`]: fork and exec of one worker with its pipes.
+//! * [`privileges`]: the user, group and limits workers run with.
+//! * [`spawn`]: fork and exec of one worker with its pipes and confinement.
 //! * [`udp`]: the server socket.
 //! * [`signals`]: signals through a signalfd.
 //! * [`ledger`]: counters, journal rows, and the master's own replies.
@@ -27,6 +28,7 @@ pub mod guard;
 pub mod journal;
 pub mod ledger;
 pub mod pool;
+pub mod privileges;
 pub mod ratelimit;
 pub mod report;
 pub mod signals;
@@ -44,6 +46,15 @@ use anyhow::{bail, Context};
 /// When the server cannot start (socket, journal, workers) or its loop fails.
 pub fn serve(args: &cli::ServeArgs) -> anyhow::Result<()> {
     let worker_path = worker_path(args)?;
+    let credentials = privileges::resolve(args.user.as_deref(), args.group.as_deref())?;
+    let seccomp = !args.no_seccomp && protocol::handoff::SECCOMP_AVAILABLE;
+    if !args.no_seccomp && !seccomp && args.workers > 0 {
+        log::warn!(
+            "workers run without a seccomp filter: this build's allow-list is for x86_64 \
+             and aarch64 Linux, not {}",
+            std::env::consts::ARCH
+        );
+    }
     let cfg = arbiter::Config {
         bind: args.bind,
         workers: usize::from(args.workers),
@@ -61,13 +72,26 @@ pub fn serve(args: &cli::ServeArgs) -> anyhow::Result<()> {
         amplification_factor: args.amplification_factor,
         rate_limit: args.rate_limit,
         rate_limit_slip: args.rate_limit_slip,
+        confinement: privileges::Confinement {
+            credentials,
+            memory_limit: privileges::memory_limit(args.worker_memory_limit),
+            seccomp,
+        },
     };
     if cfg.workers == 0 && cfg.fault_injection {
         log::warn!(
             "--enable-fault-injection has no effect with --workers 0: the master never aborts"
         );
     }
-    arbiter::Arbiter::new(cfg)?.run()
+    if cfg.workers == 0 && args.user.is_some() {
+        log::warn!("--user has no effect with --workers 0: the master answers as itself");
+    }
+    let workers = cfg.workers;
+    let arbiter = arbiter::Arbiter::new(cfg)?;
+    // After the socket is bound and the journal open: a master that cannot
+    // start says only why.
+    privileges::warn_if_root_without_user(args.user.as_deref(), workers);
+    arbiter.run()
 }
 
 /// The worker executable: `--worker-path`, else `worker` next to the

@@ -16,6 +16,9 @@ use protocol::handoff::Handoff;
 const BATCH: usize = 64;
 
 /// Serves requests from the master until it closes the request pipe.
+/// Once it has started (signals set up, READY written) and before it reads
+/// a request, it confines itself to its seccomp filter if the hand-off
+/// says so.
 ///
 /// # Errors
 /// When the master is not this process's parent, when a pipe or the socket
@@ -46,6 +49,11 @@ pub fn run(handoff: Handoff) -> anyhow::Result<()> {
     frame::encode_ready(pid, &mut worker.done);
     worker.flush()?;
     log::debug!("worker {pid} ready");
+    // From here on a worker only reads, computes, sends, sleeps and stops:
+    // everything it had to open or set up is done.
+    if handoff.seccomp {
+        crate::sandbox::confine().context("cannot install the seccomp filter")?;
+    }
 
     let mut requests = requests;
     let mut inbox = FrameBuf::with_capacity(64 * 1024);

@@ -290,8 +290,19 @@ impl Arbiter {
             self.responder.socket.as_fd(),
             self.master_pid,
             self.cfg.fault_injection,
+            &self.cfg.confinement,
         )
-        .with_context(|| format!("cannot start worker {}", self.cfg.worker_path.display()))?;
+        .with_context(|| {
+            let path = self.cfg.worker_path.display();
+            match self.cfg.confinement.credentials {
+                Some(c) => format!(
+                    "cannot start worker {path} as uid {} gid {} (that user must be able to \
+                     execute it and reach its directory)",
+                    c.uid, c.gid
+                ),
+                None => format!("cannot start worker {path}"),
+            }
+        })?;
         let serial = self.next_serial;
         self.next_serial += 1;
         let token = FIRST_WORKER_TOKEN + 2 * serial;
