@@ -175,7 +175,19 @@ impl Server {
         Server::launch_with(args, |_| {})
     }
 
+    /// [`Server::start`] with another `master` executable (a copy, with
+    /// its `worker` beside it).
+    pub fn start_binary(master: &Path, args: &[&str]) -> Server {
+        let mut server = Server::launch_binary(master, args, |_| {});
+        server.wait_listening();
+        server
+    }
+
     fn launch_with(args: &[&str], prepare: impl FnOnce(&mut Command)) -> Server {
+        Server::launch_binary(&bin("master"), args, prepare)
+    }
+
+    fn launch_binary(master: &Path, args: &[&str], prepare: impl FnOnce(&mut Command)) -> Server {
         let dir = TempDir::new().expect("temp dir");
         let log_path = dir.path().join("master.log");
         let log = File::create(&log_path).expect("log file");
@@ -187,8 +199,7 @@ impl Server {
             full.extend(["--journal", "none"]);
         }
         full.extend(args);
-        let master = bin("master");
-        let mut cmd = Command::new(&master);
+        let mut cmd = Command::new(master);
         cmd.args(&full)
             .current_dir(dir.path())
             .env("RUST_LOG", "info")
@@ -571,6 +582,15 @@ pub fn children_of(parent: u32) -> Vec<Proc> {
 /// The live members of process group `pgid`, sorted by PID.
 pub fn group_members(pgid: u32) -> Vec<Proc> {
     live_processes(|s| s.pgrp == pgid)
+}
+
+/// The value of field `name` (`Uid`, `Seccomp`, ...) of
+/// `/proc/PID/status`, its tabs and spaces made single spaces.
+pub fn status_field(pid: u32, name: &str) -> Option<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.split(':').next() == Some(name))?;
+    let value = line.split_once(':')?.1;
+    Some(value.split_whitespace().collect::<Vec<_>>().join(" "))
 }
 
 /// `VmRSS` of `pid` in KiB.

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{SocketAddr, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -636,6 +637,15 @@ fn an_unusable_journal_stops_the_master_with_one_clear_line() {
     Connection::open(&foreign)
         .and_then(|c| c.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);"))
         .expect("create a foreign database");
+    // A symbolic link is refused whether it leads to a file or nowhere
+    // (where following it would create its target).
+    let link = dir.path().join("link.db");
+    std::os::unix::fs::symlink(&garbage, &link).expect("symlink to the garbage file");
+    let dangling = dir.path().join("dangling.db");
+    let target = dir.path().join("target.db");
+    std::os::unix::fs::symlink(&target, &dangling).expect("dangling symlink");
+    let fifo = dir.path().join("fifo.db");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
     let cases = [
         ("/proc/nope/j.db".to_owned(), None),
         (garbage.display().to_string(), Some("not a database")),
@@ -643,6 +653,16 @@ fn an_unusable_journal_stops_the_master_with_one_clear_line() {
             foreign.display().to_string(),
             Some("not a udp-pool journal"),
         ),
+        (
+            link.display().to_string(),
+            Some("is a symbolic link; refusing to follow it"),
+        ),
+        (
+            dangling.display().to_string(),
+            Some("is a symbolic link; refusing to follow it"),
+        ),
+        (dir.path().display().to_string(), Some("Is a directory")),
+        (fifo.display().to_string(), Some("not a regular file")),
     ];
     for (path, cause) in &cases {
         let args = ["--bind", "127.0.0.1:0", "--workers", "1", "--journal", path];
@@ -665,6 +685,90 @@ fn an_unusable_journal_stops_the_master_with_one_clear_line() {
     assert!(
         after == bytes,
         "the master changed the garbage file it refused"
+    );
+    let mode = std::fs::metadata(&garbage)
+        .expect("stat")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert!(
+        mode == 0o644,
+        "the master changed the refused garbage file's mode to {mode:o}"
+    );
+    assert!(
+        !target.exists(),
+        "the master created {} through a dangling symbolic link",
+        target.display()
+    );
+}
+
+/// Modes in octal, for a message.
+fn octal(modes: &[Option<u32>]) -> Vec<Option<String>> {
+    modes.iter().map(|m| m.map(|m| format!("{m:o}"))).collect()
+}
+
+/// The mode of `path`'s permission bits.
+fn mode_of(path: &Path) -> Option<u32> {
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| m.permissions().mode() & 0o7777)
+}
+
+/// The journal and the `-wal` and `-shm` files SQLite makes beside it are
+/// private to the master's user (0600) whatever the umask; a journal that
+/// was readable by others is made 0600 when a master opens it, with one
+/// warning.
+#[test]
+fn the_journal_is_private_to_the_masters_user() {
+    let _g = harness::shared();
+    let j = Journaled::start(&["--workers", "1"]);
+    let s = &j.server;
+    let c = s.client();
+    check_all_ok(s, "squares", &c.many(&squares(50), &load(16)));
+    let files = ["", "-wal", "-shm"].map(|suffix| {
+        let mut name = j.path.as_os_str().to_owned();
+        name.push(suffix);
+        PathBuf::from(name)
+    });
+    s.wait_until("the -wal and -shm files exist", EVENTUALLY, |_| {
+        files.iter().all(|f| f.exists())
+    });
+    let modes = files.clone().map(|f| mode_of(&f));
+    s.check(modes == [Some(0o600); 3], || {
+        format!("expected {files:?} to be 0600, got {:?}", octal(&modes))
+    });
+    stop(s);
+    s.check(!s.log().contains("made 600"), || {
+        "a journal created 0600 needs no change of mode".to_owned()
+    });
+
+    // Opened up by someone, then opened by a new master: private again.
+    for f in files.iter().filter(|f| f.exists()) {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).expect("chmod 644");
+    }
+    let path = j.path.to_str().expect("a UTF-8 temp path");
+    let again = Server::start(&["--journal", path, "--workers", "1"]);
+    let modes = files.clone().map(|f| mode_of(&f));
+    again.check(
+        modes.iter().all(|m| m.is_none_or(|m| m == 0o600)) && modes[0] == Some(0o600),
+        || {
+            format!(
+                "expected {files:?} to be made 0600, got {:?}",
+                octal(&modes)
+            )
+        },
+    );
+    let warnings: Vec<String> = again
+        .log()
+        .lines()
+        .filter(|l| {
+            l.contains("[WARN]") && l.contains("journal files readable by other users made 600")
+        })
+        .map(str::to_owned)
+        .collect();
+    again.check(
+        warnings.len() == 1 && warnings[0].contains(path) && warnings[0].contains("(644)"),
+        || format!("expected one warning naming {path} (644), got {warnings:?}"),
     );
 }
 

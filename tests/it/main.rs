@@ -17,6 +17,8 @@
 //!   100,000 addresses.
 //! * [`one_reply`]: exactly one reply per request on every stop path and
 //!   timeout; signals as documented; a loop that never stalls.
+//! * [`privileges`]: issue 9's least privilege: workers as `--user nobody`,
+//!   their resource limits and seccomp filter, the warning of a root master.
 
 mod faults;
 mod harness;
@@ -24,4 +26,5 @@ mod hostile;
 mod journal;
 mod lifecycle;
 mod one_reply;
+mod privileges;
 mod serve;
