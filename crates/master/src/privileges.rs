@@ -16,8 +16,9 @@ use nix::unistd::{Gid, Group, Uid, User};
 pub const WORKER_OPEN_FILES: u64 = 64;
 
 /// The default `--worker-memory-limit`, MiB of address space (`RLIMIT_AS`).
-/// An idle worker maps about 6 MiB, one squaring a 65,000-digit number
-/// about 7 MiB; the limit only has to stop a runaway one.
+/// An idle worker maps 5.3 MiB (`VmSize`), and 6.1 MiB at most after the
+/// largest squares a reply holds, a 65,000-digit request and bursts of
+/// 2,000 requests (`VmPeak`): the limit only has to stop a runaway one.
 pub const DEFAULT_WORKER_MEMORY_MIB: u64 = 256;
 
 /// The smallest `--worker-memory-limit` other than 0: below this a worker

@@ -13,7 +13,8 @@
 //! A worker stops cleanly when its request pipe reaches end of stream (the
 //! master closed it: retire, reload, shutdown, or its own `TERM`) after
 //! answering everything it read. It dies with its master through `PR_SET_PDEATHSIG`, set by the
-//! master between fork and exec.
+//! master between fork and exec, where it also gets its user, group and
+//! resource limits; its seccomp filter it installs itself ([`sandbox`]).
 
 pub mod sandbox;
 pub mod serve;
