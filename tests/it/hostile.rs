@@ -210,6 +210,12 @@ fn sleep_without_fault_injection_is_disabled_and_600_of_them_leave_others_served
     let attacker = s.client();
     // Read the attacker's replies as they come: 600 overflow a socket buffer.
     let inbox = attacker_socket(&attacker);
+    // Room for all 600 replies even if this thread is scheduled late.
+    let room = 8 << 20;
+    if nix::sys::socket::setsockopt(&inbox, nix::sys::socket::sockopt::RcvBufForce, &room).is_err()
+    {
+        let _ = nix::sys::socket::setsockopt(&inbox, nix::sys::socket::sockopt::RcvBuf, &room);
+    }
     let reader =
         std::thread::spawn(move || drain(&inbox, Duration::from_secs(1), Duration::from_secs(10)));
     for i in 0..600 {
