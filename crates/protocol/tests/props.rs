@@ -5,13 +5,16 @@
 //! The oracles here are written independently of `src/` where that is cheap
 //! (the dialect rule, which `id` a JSON object carries, the squares through
 //! `num-bigint`), so that a property checks the code instead of restating it.
-//! The reply oracle lives in `tests/oracle/`, which the `datagram` fuzz
-//! target shares. Case counts are kept moderate so the whole file runs in a
-//! few seconds in a debug build.
+//! The oracles live in `tests/oracle/`, shared with the fuzz targets, whose
+//! committed corpus is replayed here. Case counts are kept moderate so the
+//! whole file runs in a few seconds in a debug build.
 
 mod oracle;
 
+use std::fs;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::panic::catch_unwind;
+use std::path::{Path, PathBuf};
 
 use num_bigint::BigInt;
 use proptest::collection::vec;
@@ -28,7 +31,7 @@ use protocol::{
     MAX_UDP_PAYLOAD,
 };
 
-use oracle::{check_datagram, check_json_reply};
+use oracle::datagram::{check_datagram, check_json_reply, EXAMPLE_CTX};
 
 // ---------------------------------------------------------------------------
 // Oracles
@@ -796,4 +799,49 @@ fn a_maximal_datagram_fits_in_a_frame() {
     let (got, end) = feed(&wire, &[4096, 1, 65_536], 64, take_request);
     assert_eq!(end, Ok(()));
     assert_eq!(got, frames);
+}
+
+// ---------------------------------------------------------------------------
+// The fuzz corpus, replayed
+
+/// The files of `fuzz/corpus/<target>/`: the fuzz targets' committed corpus,
+/// which covers what a long fuzzing run reached (docs/FUZZING.md).
+fn fuzz_corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fuzz/corpus")
+        .join(target);
+    let mut paths: Vec<PathBuf> = fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| entry.expect("a corpus entry").path())
+        .collect();
+    paths.sort();
+    assert!(!paths.is_empty(), "{} is empty", dir.display());
+    paths
+        .into_iter()
+        .map(|p| {
+            let bytes = fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            (p, bytes)
+        })
+        .collect()
+}
+
+/// Runs every file of a corpus through `check`, naming the file that fails.
+fn replay(target: &str, check: impl Fn(&[u8]) + std::panic::RefUnwindSafe) {
+    for (path, bytes) in fuzz_corpus(target) {
+        if catch_unwind(|| check(&bytes)).is_err() {
+            panic!("{} fails the {target} oracle", path.display());
+        }
+    }
+}
+
+#[test]
+fn the_datagram_fuzz_corpus_gets_replies() {
+    replay("datagram", |datagram| {
+        check_datagram(datagram, &EXAMPLE_CTX);
+    });
+}
+
+#[test]
+fn the_frames_fuzz_corpus_decodes_alike_however_split() {
+    replay("frames", oracle::frames::check_input);
 }
