@@ -366,5 +366,8 @@ fn inline_mode_answers_sleep_disabled_at_once() {
         format!("sleep with --workers 0 took {took:?} to answer")
     });
     let st = s.stats();
-    s.check(st["master_pid"] == s.pid(), || format!("stats: {st}"));
+    s.check(
+        st["master_pid"] == s.pid() && st["totals"]["replies_dropped"] == 0,
+        || format!("stats, with replies_dropped: {st}"),
+    );
 }

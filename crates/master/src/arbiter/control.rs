@@ -34,6 +34,16 @@ fn stop_action(phase: Phase, sig: Signal) -> StopAction {
     }
 }
 
+/// The pool size after TTIN (one more) or TTOU (one fewer), within 1 and
+/// [`MAX_WORKERS`] (the bounds of `--workers` with a pool); `None` at a bound.
+fn resized(target: usize, sig: Signal) -> Option<usize> {
+    match sig {
+        Signal::SIGTTIN if target < usize::from(MAX_WORKERS) => Some(target + 1),
+        Signal::SIGTTOU if target > 1 => Some(target - 1),
+        _ => None,
+    }
+}
+
 impl Arbiter {
     /// Starts the initial workers; serves at once without a pool.
     pub(super) fn start_pool(&mut self) -> anyhow::Result<()> {
@@ -71,21 +81,16 @@ impl Arbiter {
                     }
                 }
                 Signal::SIGHUP => self.reload(),
-                Signal::SIGTTIN if self.accepting() && self.cfg.workers > 0 => {
-                    if self.target >= usize::from(MAX_WORKERS) {
-                        log::info!("SIGTTIN ignored: the pool is at its maximum of {MAX_WORKERS}");
-                    } else {
-                        self.target += 1;
-                        log::info!("SIGTTIN: pool size {}", self.target);
-                    }
-                }
-                Signal::SIGTTOU if self.accepting() && self.cfg.workers > 0 => {
-                    if self.target <= 1 {
-                        log::info!("SIGTTOU ignored: the pool keeps at least one worker");
-                    } else {
-                        // manage_workers retires the oldest.
-                        self.target -= 1;
-                        log::info!("SIGTTOU: pool size {}", self.target);
+                Signal::SIGTTIN | Signal::SIGTTOU if self.accepting() && self.cfg.workers > 0 => {
+                    // manage_workers starts one, or retires the oldest.
+                    match resized(self.target, sig) {
+                        Some(n) => {
+                            self.target = n;
+                            log::info!("{sig}: pool size {n}");
+                        }
+                        None => log::info!(
+                            "{sig} ignored: the pool stays within 1 and {MAX_WORKERS} workers"
+                        ),
                     }
                 }
                 other => log::debug!("ignoring {other}"),
@@ -246,6 +251,16 @@ mod tests {
         );
         assert_eq!(stop_action(draining, Signal::SIGTERM), StopAction::StopNow);
         assert_eq!(stop_action(stopping, Signal::SIGTERM), StopAction::KillNow);
+    }
+
+    #[test]
+    fn ttin_and_ttou_stop_at_the_bounds_of_workers() {
+        let max = usize::from(MAX_WORKERS);
+        assert_eq!(resized(4, Signal::SIGTTIN), Some(5));
+        assert_eq!(resized(max - 1, Signal::SIGTTIN), Some(max));
+        assert_eq!(resized(max, Signal::SIGTTIN), None);
+        assert_eq!(resized(2, Signal::SIGTTOU), Some(1));
+        assert_eq!(resized(1, Signal::SIGTTOU), None);
     }
 
     #[test]
