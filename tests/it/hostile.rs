@@ -6,7 +6,7 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use crate::harness::{self, rss_kib, Server};
+use crate::harness::{self, rss_kib, Rng, Server};
 
 /// Trust only 127.0.0.1: 127.0.0.2 and the rest of 127/8 are "the Internet".
 const TRUST_ONE: [&str; 2] = ["--trusted", "127.0.0.1"];
@@ -32,18 +32,6 @@ fn drain(socket: &UdpSocket, quiet: Duration, at_most: Duration) -> Vec<Vec<u8>>
         }
     }
     got
-}
-
-/// A xorshift stream: the same "random" datagrams on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 #[test]
