@@ -10,6 +10,14 @@ Configurations (each started fresh for every measurement, on a free
   journal  master --workers 4 --journal <temp file>
   python   scripts/bench/pool_server.py --workers 4   (the lecture's design)
 
+With --baseline DIR (the master, worker and loadgen of another build, e.g.
+from scripts/bench/build-baseline.sh), every selected `pool` and `journal`
+gets a twin, `pool@baseline` and `journal@baseline`: the same flags, with
+DIR's master (which starts DIR's worker). loadgen is always the current
+build's, so only the server differs. The twins run in every round with the
+others and at the same latency rate, and a line per twin gives the ratios
+current/baseline of peak throughput, CPU per request and p99.
+
 Two phases, each of several rounds; within a round every configuration runs
 once, and the order rotates from round to round, so slow drifts of the
 machine spread over all of them. Reported values are medians over rounds.
@@ -47,8 +55,15 @@ CONFIGS = {
     "inline": "master --workers 0 --journal none",
     "journal": "master --workers 4 --journal (temp file)",
     "python": "pool_server.py --workers 4 (multiprocessing.Pool + apply_async)",
+    # The load's source (127.0.0.1) untrusted: each datagram goes through the
+    # rate limiter's table and each reply through the amplification bound
+    # (the limit is set high enough that the load is never held back). Only
+    # the readiness probe, sent from 127.0.0.3, is trusted.
+    "guarded": "master --workers 4 --journal none --trusted 127.0.0.3 --rate-limit 10000000",
 }
-WORKERS = {"pool": 4, "inline": 1, "journal": 4, "python": 4}
+WORKERS = {"pool": 4, "inline": 1, "journal": 4, "python": 4, "guarded": 4}
+# Configurations that --baseline runs a second time from the baseline's binaries.
+BASELINE_OF = {"pool@baseline": "pool", "journal@baseline": "journal"}
 
 # Whole-run budget: stop starting new measurements past this.
 BUDGET_S = 9 * 60
@@ -66,14 +81,21 @@ def free_port():
         return s.getsockname()[1]
 
 
+def base_config(config):
+    """The configuration whose flags `config` runs (`pool` for `pool@baseline`)."""
+    return BASELINE_OF.get(config, config)
+
+
 def server_command(config, bin_dir, port, tmp):
     bind = "127.0.0.1:%d" % port
+    config = base_config(config)
     if config == "python":
         return [sys.executable, os.path.join(HERE, "pool_server.py"), "--port", str(port), "--workers", "4"]
     master = os.path.join(bin_dir, "master")
     workers = "0" if config == "inline" else "4"
     journal = os.path.join(tmp, "journal.db") if config == "journal" else "none"
-    return [master, "--bind", bind, "--workers", workers, "--journal", journal]
+    extra = ["--trusted", "127.0.0.3", "--rate-limit", "10000000"] if config == "guarded" else []
+    return [master, "--bind", bind, "--workers", workers, "--journal", journal] + extra
 
 
 def read_stat(pid):
@@ -136,6 +158,9 @@ def wait_ready(port, want, started, proc, deadline_s=10.0):
     seen = set()
     n = 0
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        # From 127.0.0.3: trusted by every configuration (the `guarded` one
+        # trusts only it), so the greeting is not held to the reply bound.
+        s.bind(("127.0.0.3", 0))
         s.settimeout(0.002)
         while time.monotonic() - started < deadline_s:
             if proc.poll() is not None:
@@ -182,16 +207,18 @@ def run_one(config, phase, args, rate=None, plot=None):
     with tempfile.TemporaryDirectory(prefix="udp-pool-bench.") as tmp:
         log_path = os.path.join(tmp, "server.log")
         log = open(log_path, "w")
-        cmd = server_command(config, args.bin_dir, port, tmp)
+        server_bin_dir = args.baseline if config in BASELINE_OF else args.bin_dir
+        cmd = server_command(config, server_bin_dir, port, tmp)
         started = time.monotonic()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         try:
-            ready = wait_ready(port, WORKERS[config], started, proc)
+            want = WORKERS[base_config(config)]
+            ready = wait_ready(port, want, started, proc)
             if ready is None:
                 with open(log_path) as f:
                     tail = f.read()[-2000:]
                 raise RuntimeError("%s did not answer with %d workers within 10 s: %s\n%s"
-                                   % (" ".join(cmd), WORKERS[config], proc.poll(), tail))
+                                   % (" ".join(cmd), want, proc.poll(), tail))
             # In the latency phase loadgen runs at a higher priority (when
             # allowed), so that it sends on time although it shares the CPUs
             # with the server: the schedule is the measurement's clock.
@@ -277,6 +304,12 @@ def us(v):
     return "%.0f µs" % v if v < 1000 else "%.2f ms" % (v / 1000)
 
 
+def label(config):
+    if config in BASELINE_OF:
+        return "`%s` (baseline)" % CONFIGS[BASELINE_OF[config]]
+    return "`%s`" % CONFIGS[config]
+
+
 def table(summary, configs):
     inline = summary.get("inline", {})
     python = summary.get("python", {})
@@ -288,7 +321,7 @@ def table(summary, configs):
     for c in configs:
         s = summary[c]
         rows.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
-            "`%s`" % CONFIGS[c],
+            label(c),
             fmt(s["peak_rps"], ",.0f"),
             fmt(ratio(s["peak_rps"], inline.get("peak_rps")), ".2f", "x"),
             fmt(ratio(s["peak_rps"], python.get("peak_rps")), ".0f", "x"),
@@ -333,7 +366,56 @@ def targets(summary):
           lambda v: "%.1f MiB at most" % v)
     check("4 workers answering within 100 ms of start", s["pool"].get("startup_ms"), lambda v: v < 100,
           lambda v: "%.0f ms (median)" % v)
+    check("defences (every source untrusted) cost < 5% of peak",
+          ratio(s["guarded"].get("peak_rps"), s["pool"].get("peak_rps")),
+          lambda v: v >= 0.95, lambda v: "%.2fx the pool's peak" % v)
     return "\n".join(lines)
+
+
+def baseline_ratios(summary, configs):
+    """One line per baseline twin: current/baseline of peak, CPU per request
+    and p99 (both sides at the same latency rate)."""
+    lines = []
+    for twin in configs:
+        current = BASELINE_OF.get(twin)
+        if current not in summary:
+            continue
+        s, b = summary[current], summary[twin]
+        lines.append("- %s: peak %s, CPU/request %s, p99 %s at %s/s (%s vs %s)" % (
+            current,
+            fmt(ratio(s["peak_rps"], b["peak_rps"]), ".2f", "x"),
+            fmt(ratio(s["cpu_us_per_req"], b["cpu_us_per_req"]), ".2f", "x"),
+            fmt(ratio(s["p99_us"], b["p99_us"]), ".2f", "x"),
+            fmt(s["rate"], ",.0f"), us(s["p99_us"]), us(b["p99_us"])))
+    return "\n".join(lines)
+
+
+def revision(bin_dir):
+    """What a binary directory was built from, shortened to a line: its
+    REVISION file (written by build-baseline.sh), else, for this checkout's
+    target/release, the checkout's HEAD; None if not known."""
+    text = full_revision(bin_dir)
+    return text if text is None or len(text) <= 72 else text[:71] + "…"
+
+
+def full_revision(bin_dir):
+    try:
+        with open(os.path.join(bin_dir, "REVISION")) as f:
+            return f.readline().strip() or None
+    except OSError:
+        pass
+    if os.path.realpath(bin_dir) != os.path.realpath(os.path.join(ROOT, "target", "release")):
+        return None
+    try:
+        head = subprocess.run(["git", "-C", ROOT, "log", "-1", "--format=%h %s"], capture_output=True, text=True,
+                              timeout=10)
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
 
 
 def main():
@@ -350,13 +432,36 @@ def main():
     p.add_argument("--loadgen-nice", type=int, default=env_num("BENCH_LOADGEN_NICE", -10, int),
                    help="niceness of loadgen in the latency phase (default -10; 0 leaves it alone)")
     p.add_argument("--configs", default=os.environ.get("BENCH_CONFIGS", ",".join(CONFIGS)),
-                   help="comma-separated subset of: " + ", ".join(CONFIGS))
+                   help="comma-separated subset of: " + ", ".join(CONFIGS) + " (--baseline adds the twins)")
+    p.add_argument("--baseline", metavar="DIR", default=os.environ.get("BENCH_BASELINE") or None,
+                   help="also run pool and journal (where selected) from DIR's master and worker, as "
+                        "pool@baseline and journal@baseline, and print current/baseline ratios")
     p.add_argument("--out", help="also write table.md, results.json and plots into this directory")
     args = p.parse_args()
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     for c in configs:
-        if c not in CONFIGS:
-            p.error("unknown configuration %r (known: %s)" % (c, ", ".join(CONFIGS)))
+        if c not in CONFIGS and c not in BASELINE_OF:
+            p.error("unknown configuration %r (known: %s)" % (c, ", ".join(list(CONFIGS) + list(BASELINE_OF))))
+    configs = list(dict.fromkeys(configs))
+    if args.baseline:
+        args.baseline = os.path.abspath(args.baseline)
+        for name in ("master", "worker"):
+            if not os.access(os.path.join(args.baseline, name), os.X_OK):
+                p.error("--baseline %s: no executable %s in it" % (args.baseline, name))
+        # Each twin runs right after its current side; naming it too is allowed.
+        for c in configs:
+            if c in BASELINE_OF and BASELINE_OF[c] not in configs:
+                p.error("%s needs %s in --configs (it is compared with it)" % (c, BASELINE_OF[c]))
+        current = [c for c in configs if c not in BASELINE_OF]
+        configs = []
+        for c in current:
+            configs.append(c)
+            if c + "@baseline" in BASELINE_OF:
+                configs.append(c + "@baseline")
+        if not any(c in BASELINE_OF for c in configs):
+            p.error("--baseline compares pool and journal: --configs has neither")
+    elif any(c in BASELINE_OF for c in configs):
+        p.error("pool@baseline and journal@baseline need --baseline DIR")
     if not (1 <= args.rounds <= 20 and 0.5 <= args.seconds <= 60):
         p.error("--rounds must be 1..20 and --seconds 0.5..60")
     runs = 2 * args.rounds * len(configs)
@@ -371,6 +476,8 @@ def main():
     def log(msg):
         print("bench [%5.1fs] %s" % (time.monotonic() - t0, msg), file=sys.stderr, flush=True)
 
+    width = max([7] + [len(c) for c in configs])
+
     def rounds(phase, rate_of):
         for r in range(args.rounds):
             order = configs[r % len(configs):] + configs[:r % len(configs)]
@@ -384,15 +491,17 @@ def main():
                 res = run_one(c, phase, args, rate=rate_of(c), plot=plot)
                 results.append(res)
                 rep = res["report"]
-                log("%-7s %-7s round %d: %8.0f ok/s  p99 %8.1f µs  lost %d  errors %d  cpu %s µs/req  "
+                log("%-7s %-*s round %d: %8.0f ok/s  p99 %8.1f µs  lost %d  errors %d  cpu %s µs/req  "
                     "start %.0f ms  loadgen lag %.1f ms" % (
-                        phase, c, r + 1, res["ok_rps"], rep["latency_us"]["p99"], rep["lost"],
+                        phase, width, c, r + 1, res["ok_rps"], rep["latency_us"]["p99"], rep["lost"],
                         sum(rep["errors"].values()), fmt(res["cpu_us_per_req"], ".2f"), res["startup_ms"],
                         rep["max_send_lag_us"] / 1000))
 
     rounds("peak", lambda c: None)
     peaks = {c: median([r["ok_rps"] for r in results if r["config"] == c]) for c in configs}
-    base = args.rate or (peaks.get("pool") or max(v or 0 for v in peaks.values())) / 2
+    # The current build's peak sets the rate; a baseline twin runs at its side's.
+    current_peaks = [v or 0 for c, v in peaks.items() if c not in BASELINE_OF]
+    base = args.rate or (peaks.get("pool") or max(current_peaks)) / 2
     rates = {}
     for c in configs:
         rates[c] = base
@@ -416,7 +525,18 @@ def main():
         "where the two differ, loadgen itself was delayed (it shares the CPUs with the server).",
         "RSS: VmHWM, the most over all runs. Start: exec to N distinct worker pids answering hello.",
     ])
-    text = "\n\n".join([header, table(summary, configs), "Targets:\n\n" + targets(summary)])
+    if args.baseline:
+        header += "\n" + "\n".join([
+            "Current: %s (%s)." % (args.bin_dir, revision(args.bin_dir) or "revision unknown"),
+            "Baseline: %s (%s); the (baseline) rows run its master and worker with the same flags, "
+            "loadgen is the current one." % (args.baseline, revision(args.baseline) or "revision unknown"),
+        ])
+    parts = [header, table(summary, configs)]
+    if args.baseline:
+        parts.append("Current / baseline (peak and CPU/request at peak; p99 at the same rate; "
+                     "above 1 means more for the current build):\n\n" + baseline_ratios(summary, configs))
+    parts.append("Targets:\n\n" + targets(summary))
+    text = "\n\n".join(parts)
     problems = [c for c in configs if summary[c]["wrong"] or summary[c]["errors"]]
     if problems:
         text += "\n\nNote: wrong results or error replies seen for: " + ", ".join(

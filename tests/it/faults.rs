@@ -13,7 +13,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::harness::{
-    self, children_of, group_members, rss_kib, square_of, Load, LogLine, Proc, Reply, Server,
+    self, children_of, group_members, rss_kib, square_of, Load, LogLine, Proc, Reply, Rng, Server,
 };
 
 /// For "eventually" checks on a noisy machine.
@@ -33,18 +33,6 @@ fn square_stream(n: u64) -> (Vec<String>, Vec<String>) {
         .map(|n| format!(r#"{{"op":"square","n":{n}}}"#))
         .collect();
     (numbers, requests)
-}
-
-/// A small xorshift generator: which worker to kill next.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 #[test]

@@ -974,3 +974,17 @@ pub fn unused_udp_port() -> u16 {
     let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
     s.local_addr().expect("local_addr").port()
 }
+
+/// A small xorshift generator: the same "random" choices on every run
+/// (which worker to kill next, the bytes of a fuzzed datagram).
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next number of the stream.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}

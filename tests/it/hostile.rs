@@ -6,7 +6,7 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use crate::harness::{self, rss_kib, Server};
+use crate::harness::{self, rss_kib, Rng, Server};
 
 /// Trust only 127.0.0.1: 127.0.0.2 and the rest of 127/8 are "the Internet".
 const TRUST_ONE: [&str; 2] = ["--trusted", "127.0.0.1"];
@@ -32,18 +32,6 @@ fn drain(socket: &UdpSocket, quiet: Duration, at_most: Duration) -> Vec<Vec<u8>>
         }
     }
     got
-}
-
-/// A xorshift stream: the same "random" datagrams on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 #[test]
@@ -210,6 +198,12 @@ fn sleep_without_fault_injection_is_disabled_and_600_of_them_leave_others_served
     let attacker = s.client();
     // Read the attacker's replies as they come: 600 overflow a socket buffer.
     let inbox = attacker_socket(&attacker);
+    // Room for all 600 replies even if this thread is scheduled late.
+    let room = 8 << 20;
+    if nix::sys::socket::setsockopt(&inbox, nix::sys::socket::sockopt::RcvBufForce, &room).is_err()
+    {
+        let _ = nix::sys::socket::setsockopt(&inbox, nix::sys::socket::sockopt::RcvBuf, &room);
+    }
     let reader =
         std::thread::spawn(move || drain(&inbox, Duration::from_secs(1), Duration::from_secs(10)));
     for i in 0..600 {

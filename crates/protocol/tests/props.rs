@@ -5,228 +5,40 @@
 //! The oracles here are written independently of `src/` where that is cheap
 //! (the dialect rule, which `id` a JSON object carries, the squares through
 //! `num-bigint`), so that a property checks the code instead of restating it.
-//! Case counts are kept moderate so the whole file runs in a few seconds in
-//! a debug build.
+//! The oracles live in `tests/oracle/`, shared with the fuzz targets, whose
+//! committed corpus is replayed here. Case counts are kept moderate so the
+//! whole file runs in a few seconds in a debug build.
 
-use std::fmt;
+mod oracle;
+
+use std::fs;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::panic::catch_unwind;
+use std::path::{Path, PathBuf};
 
 use num_bigint::BigInt;
 use proptest::collection::vec;
 use proptest::option;
 use proptest::prelude::*;
 use proptest::sample::select;
-use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
-use serde_json::value::RawValue;
 
 use protocol::frame::{
     decode_to_master, decode_to_worker, encode_done, encode_ready, encode_request, encode_stopping,
     FrameBuf, FrameError, ToMaster, ToWorker, MAX_DONE_ID,
 };
-use protocol::request::{may_be_stats, peek_id};
 use protocol::{
-    parse, write_error, write_reply, Dialect, ErrorCode, Op, Outcome, ReplyContext, Request,
-    MAX_SLEEP_MS, MAX_UDP_PAYLOAD,
+    parse, write_error, Dialect, ErrorCode, Op, Outcome, ReplyContext, MAX_SLEEP_MS,
+    MAX_UDP_PAYLOAD,
 };
+
+use oracle::datagram::{check_datagram, check_json_reply, EXAMPLE_CTX};
 
 // ---------------------------------------------------------------------------
 // Oracles
 
-/// A JSON object as its entries in order, duplicates kept, values raw: what
-/// the properties need to see a reply (or request) exactly as written.
-struct Entries<'a>(Vec<(String, &'a RawValue)>);
-
-impl<'a> Entries<'a> {
-    fn get(&self, key: &str) -> Option<&'a str> {
-        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.get())
-    }
-    fn count(&self, key: &str) -> usize {
-        self.0.iter().filter(|(k, _)| k == key).count()
-    }
-}
-
-impl<'de: 'a, 'a> Deserialize<'de> for Entries<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct EntriesVisitor;
-        impl<'de> Visitor<'de> for EntriesVisitor {
-            type Value = Entries<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut entries = Vec::new();
-                while let Some((k, v)) = map.next_entry::<String, &'de RawValue>()? {
-                    entries.push((k, v));
-                }
-                Ok(Entries(entries))
-            }
-        }
-        d.deserialize_map(EntriesVisitor)
-    }
-}
-
-/// The dialect rule, restated: the first non-blank byte is `{`.
-fn expected_dialect(datagram: &[u8]) -> Dialect {
-    match datagram.iter().find(|b| !b.is_ascii_whitespace()) {
-        Some(b'{') => Dialect::Json,
-        _ => Dialect::Text,
-    }
-}
-
-/// The `id` a JSON request carries, if it parses far enough to have one: a
-/// well-formed object whose request fields are not repeated, with a scalar id.
-fn expected_id(datagram: &[u8]) -> Option<&str> {
-    let text = std::str::from_utf8(datagram).ok()?;
-    let entries: Entries<'_> = serde_json::from_str(text).ok()?;
-    if ["op", "id", "n", "pid", "ms"]
-        .iter()
-        .any(|k| entries.count(k) > 1)
-    {
-        return None;
-    }
-    let id = entries.get("id")?;
-    if id.starts_with('{') || id.starts_with('[') {
-        return None;
-    }
-    Some(id)
-}
-
-fn code_named(name: &str) -> Option<ErrorCode> {
-    ErrorCode::ALL.iter().copied().find(|c| c.as_str() == name)
-}
-
-fn json_string(raw: &str) -> String {
-    serde_json::from_str(raw).unwrap_or_else(|e| panic!("{raw} is not a JSON string: {e}"))
-}
-
 fn square_of(digits: &str) -> String {
     let v: BigInt = digits.parse().expect("test digits are an integer");
     (&v * &v).to_string()
-}
-
-/// A parsed JSON reply, checked for what every JSON reply must be.
-struct JsonReply {
-    ok: bool,
-    error: Option<ErrorCode>,
-    id: Option<String>,
-    result: Option<String>,
-    worker_pid: Option<u32>,
-}
-
-/// Checks that `out` is one JSON object with an `ok` boolean, an `error`
-/// that is a documented code and a `message` string when `ok` is false,
-/// and no repeated keys.
-fn check_json_reply(out: &[u8]) -> JsonReply {
-    let text = std::str::from_utf8(out).expect("JSON reply is UTF-8");
-    let entries: Entries<'_> =
-        serde_json::from_str(text).unwrap_or_else(|e| panic!("reply {text:?} is not JSON: {e}"));
-    for (k, _) in &entries.0 {
-        assert_eq!(entries.count(k), 1, "key {k} repeated in {text}");
-    }
-    let ok = match entries.get("ok") {
-        Some("true") => true,
-        Some("false") => false,
-        other => panic!("reply {text} has ok = {other:?}"),
-    };
-    let error = if ok {
-        assert!(entries.get("error").is_none(), "{text}");
-        let op = json_string(entries.get("op").expect("ok reply names its op"));
-        assert!(Op::ALL.iter().any(|o| o.as_str() == op), "{text}");
-        None
-    } else {
-        let name = json_string(entries.get("error").expect("error reply has error"));
-        let code = code_named(&name).unwrap_or_else(|| panic!("undocumented code in {text}"));
-        json_string(entries.get("message").expect("error reply has message"));
-        Some(code)
-    };
-    JsonReply {
-        ok,
-        error,
-        id: entries.get("id").map(str::to_owned),
-        result: entries.get("result").map(str::to_owned),
-        worker_pid: entries
-            .get("worker_pid")
-            .map(|p| p.parse().expect("worker_pid is a u32")),
-    }
-}
-
-/// Runs one datagram through `parse` + `write_reply` and checks every
-/// property a reply has; returns the reply bytes (empty for no reply).
-fn check_datagram(datagram: &[u8], ctx: &ReplyContext) -> Vec<u8> {
-    let Some(parsed) = parse(datagram) else {
-        assert!(datagram.is_empty(), "only the empty datagram gets no reply");
-        assert_eq!(peek_id(datagram), (Dialect::Text, None));
-        return Vec::new();
-    };
-    assert!(!datagram.is_empty());
-    let dialect = expected_dialect(datagram);
-    assert_eq!(parsed.dialect, dialect);
-    assert_eq!(peek_id(datagram), (parsed.dialect, parsed.id));
-    if let Ok(r) = &parsed.request {
-        assert_eq!(parsed.op(), r.op());
-        if *r == Request::Stats {
-            assert!(
-                may_be_stats(datagram),
-                "stats request missed by may_be_stats"
-            );
-        }
-    }
-    if dialect == Dialect::Text {
-        assert_eq!(parsed.id, None);
-    }
-
-    let mut out = vec![b'x'; 3];
-    let outcome = write_reply(&parsed, ctx, &mut out);
-    assert!(!out.is_empty(), "empty reply to {datagram:?}");
-    assert!(out.len() <= MAX_UDP_PAYLOAD, "reply of {} bytes", out.len());
-    assert_ne!(outcome, Outcome::NoReply);
-    if let Err(e) = &parsed.request {
-        assert_eq!(outcome, Outcome::Error(e.code));
-    }
-
-    match dialect {
-        Dialect::Text => {
-            let text = std::str::from_utf8(&out).expect("text reply is UTF-8");
-            match outcome {
-                Outcome::Error(code) => {
-                    let head = format!("error: {}: ", code.as_str());
-                    assert!(text.starts_with(&head), "{text}");
-                    assert!(!text.contains('\n'), "one line: {text:?}");
-                }
-                _ => {
-                    let greeting = format!("Hi {}. This is server {}", ctx.client, ctx.worker_pid);
-                    let is_number = text.parse::<BigInt>().is_ok()
-                        || text.parse::<f64>().is_ok_and(f64::is_finite);
-                    assert!(text == greeting || is_number, "text reply {text:?}");
-                }
-            }
-            if std::str::from_utf8(datagram).is_err() {
-                assert_eq!(outcome, Outcome::Error(ErrorCode::BadRequest));
-            }
-        }
-        Dialect::Json => {
-            let reply = check_json_reply(&out);
-            match outcome {
-                Outcome::Ok => assert!(reply.ok),
-                Outcome::Error(code) => assert_eq!(reply.error, Some(code)),
-                Outcome::NoReply | Outcome::Withheld | Outcome::Dropped => unreachable!(),
-            }
-            assert_eq!(reply.worker_pid, Some(ctx.worker_pid));
-            let want = expected_id(datagram);
-            assert_eq!(parsed.id, want, "parsed id of {datagram:?}");
-            match (want, reply.id.as_deref()) {
-                (Some(w), Some(got)) => assert_eq!(got, w),
-                (None, got) => assert_eq!(got, None),
-                // The only reply without its id: an error the id itself
-                // would push over the datagram limit.
-                (Some(w), None) => {
-                    assert!(!reply.ok);
-                    assert!(out.len() + r#","id":"#.len() + w.len() > MAX_UDP_PAYLOAD);
-                }
-            }
-        }
-    }
-    out
 }
 
 /// The text of a reply, for the exactness properties.
@@ -1009,4 +821,49 @@ fn a_maximal_datagram_fits_in_a_frame() {
     let (got, end) = feed(&wire, &[4096, 1, 65_536], 64, take_request);
     assert_eq!(end, Ok(()));
     assert_eq!(got, frames);
+}
+
+// ---------------------------------------------------------------------------
+// The fuzz corpus, replayed
+
+/// The files of `fuzz/corpus/<target>/`: the fuzz targets' committed corpus,
+/// which covers what a long fuzzing run reached (docs/FUZZING.md).
+fn fuzz_corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fuzz/corpus")
+        .join(target);
+    let mut paths: Vec<PathBuf> = fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| entry.expect("a corpus entry").path())
+        .collect();
+    paths.sort();
+    assert!(!paths.is_empty(), "{} is empty", dir.display());
+    paths
+        .into_iter()
+        .map(|p| {
+            let bytes = fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            (p, bytes)
+        })
+        .collect()
+}
+
+/// Runs every file of a corpus through `check`, naming the file that fails.
+fn replay(target: &str, check: impl Fn(&[u8]) + std::panic::RefUnwindSafe) {
+    for (path, bytes) in fuzz_corpus(target) {
+        if catch_unwind(|| check(&bytes)).is_err() {
+            panic!("{} fails the {target} oracle", path.display());
+        }
+    }
+}
+
+#[test]
+fn the_datagram_fuzz_corpus_gets_replies() {
+    replay("datagram", |datagram| {
+        check_datagram(datagram, &EXAMPLE_CTX);
+    });
+}
+
+#[test]
+fn the_frames_fuzz_corpus_decodes_alike_however_split() {
+    replay("frames", oracle::frames::check_input);
 }

@@ -41,17 +41,22 @@ impl Arbiter {
             for d in self.recv.iter() {
                 let reply_limit = match self.guard.admit(d.from, d.payload.len(), now) {
                     Admission::Answer { reply_limit } => reply_limit,
-                    Admission::Slip { reply_limit } => {
-                        let (dialect, id) = protocol::parse(d.payload)
-                            .map_or((protocol::Dialect::Text, None), |p| (p.dialect, p.id));
-                        let outcome = self.responder.error(
-                            dialect,
-                            id,
-                            ErrorCode::RateLimited,
-                            "",
-                            reply_limit,
-                            d.from,
-                        );
+                    over_the_limit => {
+                        let outcome = match over_the_limit {
+                            Admission::Slip { reply_limit } => {
+                                let (dialect, id) = protocol::parse(d.payload)
+                                    .map_or((protocol::Dialect::Text, None), |p| (p.dialect, p.id));
+                                self.responder.error(
+                                    dialect,
+                                    id,
+                                    ErrorCode::RateLimited,
+                                    "",
+                                    reply_limit,
+                                    d.from,
+                                )
+                            }
+                            _ => Outcome::Dropped,
+                        };
                         self.ledger.record(
                             d.from,
                             now,
@@ -59,20 +64,6 @@ impl Arbiter {
                             Op::Invalid,
                             None,
                             outcome,
-                            b"",
-                            now,
-                        );
-                        continue;
-                    }
-                    Admission::Drop => {
-                        let dropped = Outcome::Dropped;
-                        self.ledger.record(
-                            d.from,
-                            now,
-                            now_us,
-                            Op::Invalid,
-                            None,
-                            dropped,
                             b"",
                             now,
                         );
