@@ -1,0 +1,549 @@
+//! Unit tests of the journal: schema, rows, retention, shedding, errors.
+
+use super::*;
+use protocol::ErrorCode;
+use rusqlite::types::Value;
+
+/// A varied row: an id on every other one, the master answering every
+/// fifth, `busy` every seventh.
+fn row(i: u64) -> RequestRow {
+    RequestRow {
+        ts_unix_us: 1_714_557_600_000_000 + i as i64,
+        client: format!("127.0.0.1:{}", 10_000 + i % 1000).parse().unwrap(),
+        request_id: match i % 2 {
+            0 => Some(RequestId::new(i.to_string().as_bytes())),
+            _ => None,
+        },
+        op: Op::Square,
+        worker_pid: match i % 5 {
+            0 => None,
+            _ => Some(100 + (i % 3) as u32),
+        },
+        outcome: match i % 7 {
+            0 => Outcome::Error(ErrorCode::Busy),
+            _ => Outcome::Ok,
+        },
+        latency_us: i,
+    }
+}
+
+fn read_conn(path: &Path) -> Connection {
+    Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap()
+}
+
+fn count(conn: &Connection, sql: &str) -> i64 {
+    conn.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+#[test]
+fn open_creates_the_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.db");
+    Journal::open(&path, 1000).unwrap().close();
+    let conn = read_conn(&path);
+    assert_eq!(
+        count(&conn, "PRAGMA user_version"),
+        i64::from(SCHEMA_VERSION)
+    );
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    for table in ["requests", "workers", "journal_events"] {
+        let n = count(
+            &conn,
+            &format!("SELECT count(*) FROM sqlite_schema WHERE type='table' AND name='{table}'"),
+        );
+        assert_eq!(n, 1, "table {table}");
+    }
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT count(*) FROM journal_events WHERE kind IN ('open','close')"
+        ),
+        2
+    );
+    // Reopening an existing journal works and keeps the schema.
+    Journal::open(&path, 1000).unwrap().close();
+    assert_eq!(
+        count(&conn, "PRAGMA user_version"),
+        i64::from(SCHEMA_VERSION)
+    );
+}
+
+#[test]
+fn submitted_rows_are_written_with_their_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.db");
+    let journal = Journal::open(&path, 1_000_000).unwrap();
+    let mut batch = Vec::new();
+    for i in 0..1000 {
+        batch.push(row(i));
+        if batch.len() == 37 {
+            let cap = batch.capacity();
+            journal.submit(&mut batch);
+            assert!(batch.is_empty());
+            assert_eq!(batch.capacity(), cap, "submit keeps the caller's capacity");
+        }
+    }
+    journal.submit(&mut batch);
+    journal.worker_started(101, 1_714_557_600_000_000);
+    journal.worker_exited(
+        101,
+        1_714_557_601_000_000,
+        None,
+        Some(9),
+        12,
+        ExitReason::Crash,
+    );
+    journal.close();
+
+    let conn = read_conn(&path);
+    assert_eq!(count(&conn, "SELECT count(*) FROM requests"), 1000);
+    let mut stmt = conn
+        .prepare(
+            "SELECT ts_us, ts, client, request_id, op, worker_pid, outcome, latency_us \
+             FROM requests ORDER BY id",
+        )
+        .unwrap();
+    let mut rows = stmt.query([]).unwrap();
+    let mut i = 0u64;
+    while let Some(r) = rows.next().unwrap() {
+        let want = row(i);
+        assert_eq!(r.get::<_, i64>(0).unwrap(), want.ts_unix_us);
+        assert_eq!(
+            r.get::<_, String>(1).unwrap(),
+            format!("2024-05-01T10:00:00.{:06}Z", i)
+        );
+        assert_eq!(r.get::<_, String>(2).unwrap(), want.client.to_string());
+        assert_eq!(
+            r.get::<_, Option<i64>>(3).unwrap(),
+            want.request_id.map(|_| i as i64)
+        );
+        assert_eq!(r.get::<_, String>(4).unwrap(), "square");
+        assert_eq!(r.get::<_, Option<u32>>(5).unwrap(), want.worker_pid);
+        assert_eq!(r.get::<_, String>(6).unwrap(), want.outcome.as_str());
+        assert_eq!(r.get::<_, i64>(7).unwrap(), i as i64);
+        i += 1;
+    }
+    assert_eq!(i, 1000);
+    let (status, reason, served, started): (String, String, i64, i64) = conn
+        .query_row(
+            "SELECT exit_status, reason, requests_served, started_us FROM workers WHERE pid = 101",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap();
+    assert_eq!(status, "signal 9 (SIGKILL)");
+    assert_eq!(reason, "crash");
+    assert_eq!(served, 12);
+    assert_eq!(started, 1_714_557_600_000_000);
+}
+
+#[test]
+fn a_reused_pid_updates_only_its_latest_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.db");
+    let journal = Journal::open(&path, 100).unwrap();
+    journal.worker_started(7, 1);
+    journal.worker_exited(7, 2, Some(0), None, 5, ExitReason::Retired);
+    journal.worker_started(7, 3);
+    journal.worker_exited(7, 4, None, Some(15), 6, ExitReason::Stop);
+    // An exit whose start was never recorded still gets a row.
+    journal.worker_exited(8, 5, Some(2), None, 0, ExitReason::BootFailure);
+    journal.close();
+    let conn = read_conn(&path);
+    let mut stmt = conn
+        .prepare("SELECT pid, started_us, exited_us, exit_status, reason FROM workers ORDER BY id")
+        .unwrap();
+    let got: Vec<(u32, Option<i64>, i64, String, String)> = stmt
+        .query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        got,
+        vec![
+            (7, Some(1), 2, "exit 0".into(), "retired".into()),
+            (7, Some(3), 4, "signal 15 (SIGTERM)".into(), "stop".into()),
+            (8, None, 5, "exit 2".into(), "boot_failure".into()),
+        ]
+    );
+}
+
+#[test]
+fn retention_keeps_the_table_near_max_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.db");
+    let journal = Journal::open(&path, 1000).unwrap();
+    let mut batch = Vec::new();
+    for i in 0..5000 {
+        batch.push(row(i));
+        if batch.len() == 50 {
+            journal.submit(&mut batch);
+        }
+    }
+    journal.submit(&mut batch);
+    journal.close();
+    let conn = read_conn(&path);
+    let n = count(&conn, "SELECT count(*) FROM requests");
+    assert!((1000..=1100).contains(&n), "{n} rows");
+    // The newest rows are the ones kept.
+    assert_eq!(count(&conn, "SELECT max(latency_us) FROM requests"), 4999);
+    assert_eq!(
+        count(&conn, "SELECT max(id) - min(id) + 1 FROM requests"),
+        n,
+        "no gaps"
+    );
+
+    // A reopened journal counts what is there and keeps trimming.
+    let journal = Journal::open(&path, 1000).unwrap();
+    for i in 5000..5200 {
+        batch.push(row(i));
+    }
+    journal.submit(&mut batch);
+    journal.close();
+    let n = count(&conn, "SELECT count(*) FROM requests");
+    assert!((1000..=1100).contains(&n), "{n} rows after reopening");
+}
+
+#[test]
+fn an_unwritable_path_names_the_journal() {
+    let err = Journal::open(Path::new("/proc/nope/j.db"), 10).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("journal"), "{msg}");
+    assert!(msg.contains("/proc/nope/j.db"), "{msg}");
+    assert!(
+        msg.starts_with("cannot open journal /proc/nope/j.db: "),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_garbage_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.db");
+    std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+    let msg = format!("{:#}", Journal::open(&path, 10).unwrap_err());
+    assert!(msg.contains("journal"), "{msg}");
+    assert!(msg.contains(&*path.to_string_lossy()), "{msg}");
+    assert!(msg.contains("not a database"), "{msg}");
+}
+
+#[test]
+fn another_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("other.db");
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch("CREATE TABLE t(x)")
+        .unwrap();
+    let msg = format!("{:#}", Journal::open(&path, 10).unwrap_err());
+    assert!(msg.contains("not a udp-pool journal"), "{msg}");
+}
+
+#[test]
+fn a_full_queue_sheds_whole_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.db");
+    let journal = Journal::open(&path, 0).unwrap();
+    // A batch that alone is over the bound cannot be queued.
+    let mut batch: Vec<RequestRow> = (0..MAX_QUEUED_ROWS as u64 + 1).map(row).collect();
+    journal.submit(&mut batch);
+    assert!(batch.is_empty());
+    assert_eq!(journal.shed_rows(), MAX_QUEUED_ROWS as u64 + 1);
+    journal.close();
+    let conn = read_conn(&path);
+    assert_eq!(count(&conn, "SELECT count(*) FROM requests"), 0);
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT coalesce(sum(count), 0) FROM journal_events WHERE kind = 'shed'"
+        ),
+        MAX_QUEUED_ROWS as i64 + 1
+    );
+}
+
+/// Raw JSON ids, as completions carry them, and the value each is
+/// stored as.
+fn ids_and_values() -> Vec<(String, Value)> {
+    let cut = format!("\"{}", "x".repeat(MAX_DONE_ID - 1));
+    vec![
+        (r#""abc""#.into(), Value::Text("abc".into())),
+        (r#""7""#.into(), Value::Text("7".into())),
+        (r#""""#.into(), Value::Text(String::new())),
+        (r#""a\"b\u00e9""#.into(), Value::Text("a\"bé".into())),
+        ("7".into(), Value::Integer(7)),
+        ("-12".into(), Value::Integer(-12)),
+        ("9223372036854775807".into(), Value::Integer(i64::MAX)),
+        (
+            "9223372036854775808".into(),
+            Value::Real(9.223_372_036_854_776e18),
+        ),
+        ("1.50".into(), Value::Real(1.5)),
+        ("2e3".into(), Value::Real(2000.0)),
+        ("true".into(), Value::Integer(1)),
+        ("false".into(), Value::Integer(0)),
+        ("null".into(), Value::Null),
+        (cut.clone(), Value::Text(cut[1..].to_owned())),
+    ]
+}
+
+fn stored_ids(conn: &Connection) -> Vec<Value> {
+    let mut stmt = conn
+        .prepare("SELECT request_id FROM requests ORDER BY id")
+        .unwrap();
+    let ids = stmt.query_map([], |r| r.get::<_, Value>(0)).unwrap();
+    ids.map(Result::unwrap).collect()
+}
+
+#[test]
+fn request_ids_are_stored_as_the_values_they_denote() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.db");
+    let journal = Journal::open(&path, 1000).unwrap();
+    let cases = ids_and_values();
+    let mut batch: Vec<RequestRow> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, (raw, _))| RequestRow {
+            request_id: Some(RequestId::new(raw.as_bytes())),
+            ..row(i as u64)
+        })
+        .collect();
+    batch.push(RequestRow {
+        request_id: None,
+        ..row(99)
+    });
+    journal.submit(&mut batch);
+    journal.close();
+    let conn = read_conn(&path);
+    let mut want: Vec<Value> = cases.into_iter().map(|(_, v)| v).collect();
+    want.push(Value::Null);
+    assert_eq!(stored_ids(&conn), want);
+    // So an operator finds them as written.
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT count(*) FROM requests WHERE request_id = 'abc'"
+        ),
+        1
+    );
+    assert_eq!(
+        count(&conn, "SELECT count(*) FROM requests WHERE request_id = 7"),
+        1
+    );
+}
+
+#[test]
+fn a_version_1_journal_is_migrated_with_its_ids_as_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.db");
+    let cases = ids_and_values();
+    {
+        // Version 1: the same tables, but `request_id TEXT` holding the
+        // id's raw JSON.
+        let conn = Connection::open(&path).unwrap();
+        let v1 = SCHEMA
+            .replace("request_id,", "request_id  TEXT,")
+            .replace("user_version = 2", "user_version = 1");
+        conn.execute_batch(&v1).unwrap();
+        for (i, (raw, _)) in cases.iter().enumerate() {
+            conn.execute(
+                "INSERT INTO requests (ts_us, client, request_id, op, outcome, latency_us) \
+                 VALUES (?1, '127.0.0.1:5', ?2, 'square', 'ok', 1)",
+                params![i as i64, raw],
+            )
+            .unwrap();
+        }
+        conn.execute(
+            "INSERT INTO requests (ts_us, client, request_id, op, outcome, latency_us) \
+             VALUES (99, '127.0.0.1:5', NULL, 'hello', 'ok', 1)",
+            [],
+        )
+        .unwrap();
+    }
+    Journal::open(&path, 1000).unwrap().close();
+    let conn = read_conn(&path);
+    assert_eq!(count(&conn, "PRAGMA user_version"), 2);
+    let mut want: Vec<Value> = cases.into_iter().map(|(_, v)| v).collect();
+    want.push(Value::Null);
+    // SQLite's JSON functions read each id as protocol::id_value does.
+    assert_eq!(stored_ids(&conn), want);
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_schema ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        tables,
+        [
+            "journal_events",
+            "requests",
+            "requests_ts",
+            "workers",
+            "workers_pid"
+        ]
+    );
+    let ts: String = conn
+        .query_row("SELECT ts FROM requests WHERE ts_us = 99", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(ts, "1970-01-01T00:00:00.000099Z");
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+}
+
+#[test]
+fn request_ids_are_cut_inline() {
+    let id = RequestId::new(br#""abc""#);
+    assert_eq!(id.as_str(), Some(r#""abc""#));
+    let long = vec![b'7'; 300];
+    assert_eq!(RequestId::new(&long).as_bytes().len(), MAX_DONE_ID);
+    // A cut inside a multi-byte character backs off to its start.
+    let mut s = "x".repeat(MAX_DONE_ID - 1);
+    s.push('é');
+    let id = RequestId::new(s.as_bytes());
+    assert_eq!(id.as_str(), Some(&s[..MAX_DONE_ID - 1]));
+    assert_eq!(RequestId::new(&[0xff, 0xfe]).as_str(), None);
+}
+
+#[test]
+fn clients_format_without_allocating() {
+    let mut buf = [0u8; 64];
+    let v6: SocketAddr = "[fe80::1:2:3:4%4294967295]:65535".parse().unwrap();
+    assert_eq!(format_client(v6, &mut buf), v6.to_string());
+    let v4: SocketAddr = "10.0.0.1:53".parse().unwrap();
+    assert!(matches!(
+        format_client(v4, &mut buf),
+        std::borrow::Cow::Borrowed("10.0.0.1:53")
+    ));
+}
+
+/// Re-runs this test binary as a child that writes rows until it is
+/// SIGKILLed; the database it leaves must be sound and reopen.
+#[test]
+fn a_sigkilled_writer_leaves_a_sound_database() {
+    const CHILD_ENV: &str = "UDP_POOL_JOURNAL_KILL_CHILD";
+    if let Some(path) = std::env::var_os(CHILD_ENV) {
+        let journal = Journal::open(Path::new(&path), 5_000).unwrap();
+        let mut batch = Vec::new();
+        for i in 0.. {
+            batch.push(row(i));
+            if batch.len() == 64 {
+                journal.submit(&mut batch);
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+        unreachable!();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.db");
+    /// Kills the child on every way out, so a failed test leaves nothing running.
+    struct Child(std::process::Child);
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill(); // SIGKILL
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Child(
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "journal::tests::a_sigkilled_writer_leaves_a_sound_database",
+            ])
+            .env(CHILD_ENV, &path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Wait until retention has run a few times, then kill it mid-load.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let written = path.exists()
+            && Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .and_then(|c| {
+                    c.query_row("SELECT coalesce(max(id), 0) FROM requests", [], |r| {
+                        r.get(0)
+                    })
+                })
+                .is_ok_and(|n: i64| n >= 20_000);
+        if written {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the child wrote too little in 20 s"
+        );
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "the child exited early"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(child);
+
+    let conn = Connection::open(&path).unwrap();
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+    let n = count(&conn, "SELECT count(*) FROM requests");
+    assert!((5_000..=5_500).contains(&n), "{n} rows");
+    drop(conn);
+    let report = crate::report::Report::collect(&path, None).unwrap();
+    assert_eq!(report.requests, n as u64);
+    Journal::open(&path, 5_000).unwrap().close();
+}
+
+/// Measures the writer's sustained throughput, without and with retention:
+/// `cargo test -p master --release --lib journal::tests::writer_throughput -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn writer_throughput() {
+    for max_rows in [0, 50_000] {
+        measure_writer(max_rows);
+    }
+}
+
+fn measure_writer(max_rows: u64) {
+    const N: u64 = 200_000;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.db");
+    let journal = Journal::open(&path, max_rows).unwrap();
+    let rows: Vec<RequestRow> = (0..N).map(row).collect();
+    let start = Instant::now();
+    let mut batch = Vec::with_capacity(256);
+    let mut submitted = 0u64;
+    for chunk in rows.chunks(256) {
+        // Pace like a loaded master rather than flooding the queue.
+        while submitted - journal.written_rows() > MAX_QUEUED_ROWS as u64 / 2 {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        batch.extend_from_slice(chunk);
+        submitted += chunk.len() as u64;
+        journal.submit(&mut batch);
+    }
+    assert_eq!(journal.shed_rows(), 0);
+    journal.close();
+    let elapsed = start.elapsed();
+    let conn = read_conn(&path);
+    let kept = count(&conn, "SELECT count(*) FROM requests");
+    if max_rows == 0 {
+        assert_eq!(kept, N as i64);
+    } else {
+        assert!(kept as u64 <= max_rows + max_rows / 10, "{kept} rows kept");
+    }
+    eprintln!(
+        "max_rows {max_rows}: wrote {N} rows in {:.3} s: {:.0} rows/s",
+        elapsed.as_secs_f64(),
+        N as f64 / elapsed.as_secs_f64()
+    );
+}

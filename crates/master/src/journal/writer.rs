@@ -1,0 +1,666 @@
+//! The journal's writer thread: the SQLite connection, the schema and its
+//! migration, the private file it is kept in, and the batched, paced
+//! writes with retention.
+
+use super::*;
+
+/// An ISO-8601 UTC text (`2024-05-01T10:00:00.123456Z`) for a column of unix
+/// microseconds; used by the generated `ts`/`*_at` columns so the `sqlite3`
+/// shell shows readable times while the stored value stays a compact integer.
+macro_rules! iso_utc {
+    ($col:literal) => {
+        concat!(
+            "strftime('%Y-%m-%dT%H:%M:%S', ",
+            $col,
+            " / 1000000, 'unixepoch') || printf('.%06dZ', ",
+            $col,
+            " % 1000000)"
+        )
+    };
+}
+
+/// The `requests` table of schema version 2 and its index: made by
+/// [`SCHEMA`], and by [`MIGRATE_FROM_1`] from a version 1 journal.
+/// `request_id` has no declared type, so SQLite keeps each id as it is
+/// bound: INTEGER, REAL or TEXT ([`bind_request_id`]).
+macro_rules! requests_table {
+    () => {
+        concat!(
+            "CREATE TABLE requests (
+        id          INTEGER PRIMARY KEY,
+        ts_us       INTEGER NOT NULL,
+        ts          TEXT GENERATED ALWAYS AS (",
+            iso_utc!("ts_us"),
+            ") VIRTUAL,
+        client      TEXT NOT NULL,
+        request_id,
+        op          TEXT NOT NULL,
+        worker_pid  INTEGER,
+        outcome     TEXT NOT NULL,
+        latency_us  INTEGER NOT NULL
+    );
+    CREATE INDEX requests_ts ON requests(ts_us);
+    "
+        )
+    };
+}
+
+/// Version 2 of the schema. `docs/JOURNAL.md` explains every column.
+pub(super) const SCHEMA: &str = concat!(
+    requests_table!(),
+    "    CREATE TABLE workers (
+        id              INTEGER PRIMARY KEY,
+        pid             INTEGER NOT NULL,
+        started_us      INTEGER,
+        started_at      TEXT GENERATED ALWAYS AS (",
+    iso_utc!("started_us"),
+    ") VIRTUAL,
+        exited_us       INTEGER,
+        exited_at       TEXT GENERATED ALWAYS AS (",
+    iso_utc!("exited_us"),
+    ") VIRTUAL,
+        exit_code       INTEGER,
+        signal          INTEGER,
+        exit_status     TEXT,
+        requests_served INTEGER,
+        reason          TEXT
+    );
+    CREATE INDEX workers_pid ON workers(pid);
+    CREATE TABLE journal_events (
+        id      INTEGER PRIMARY KEY,
+        ts_us   INTEGER NOT NULL,
+        ts      TEXT GENERATED ALWAYS AS (",
+    iso_utc!("ts_us"),
+    ") VIRTUAL,
+        kind    TEXT NOT NULL,
+        count   INTEGER NOT NULL DEFAULT 0,
+        detail  TEXT
+    );
+    PRAGMA user_version = 2;"
+);
+
+/// From schema version 1, whose `request_id` was TEXT holding the id's raw
+/// JSON (`7`, `"abc"`), to version 2: the same rows, each id as the value
+/// it denotes, decoded by SQLite's own JSON functions with the rule of
+/// [`protocol::id_value`] (a string cut short loses its opening quote).
+pub(super) const MIGRATE_FROM_1: &str = concat!(
+    "ALTER TABLE requests RENAME TO requests_v1;
+    DROP INDEX requests_ts;
+    ",
+    requests_table!(),
+    "INSERT INTO requests (id, ts_us, client, request_id, op, worker_pid, outcome, latency_us)
+        SELECT id, ts_us, client,
+            CASE WHEN json_valid(request_id) THEN json_extract(request_id, '$')
+                 WHEN request_id LIKE '\"%' THEN substr(request_id, 2)
+                 ELSE request_id END,
+            op, worker_pid, outcome, latency_us
+        FROM requests_v1;
+    DROP TABLE requests_v1;
+    PRAGMA user_version = 2;"
+);
+
+pub(super) const INSERT_REQUEST: &str = "INSERT INTO requests \
+     (ts_us, client, request_id, op, worker_pid, outcome, latency_us) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+/// The parameters per row of [`INSERT_REQUEST`].
+pub(super) const REQUEST_COLUMNS: usize = 7;
+/// Rows per multi-row `INSERT` ([`insert_many_sql`]): one statement step
+/// per this many rows instead of one per row, which took the writer from
+/// about 500k to 620k rows/s (390k to 520k with retention) in
+/// `journal::tests::writer_throughput`; 16 and 64 rows measured a little
+/// slower, 128 clearly so. The rest of a batch goes through
+/// [`INSERT_REQUEST`].
+pub(super) const INSERT_MANY_ROWS: usize = 32;
+
+/// [`INSERT_REQUEST`] for [`INSERT_MANY_ROWS`] rows at once, built once.
+pub(super) fn insert_many_sql() -> &'static str {
+    static SQL: OnceLock<String> = OnceLock::new();
+    SQL.get_or_init(|| {
+        let mut sql = String::from(
+            "INSERT INTO requests \
+             (ts_us, client, request_id, op, worker_pid, outcome, latency_us) VALUES ",
+        );
+        for i in 0..INSERT_MANY_ROWS {
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push('(');
+            for c in 0..REQUEST_COLUMNS {
+                if c > 0 {
+                    sql.push(',');
+                }
+                sql.push('?');
+            }
+            sql.push(')');
+        }
+        sql
+    })
+}
+
+pub(super) const INSERT_WORKER: &str = "INSERT INTO workers (pid, started_us) VALUES (?1, ?2)";
+/// Closes the newest open row of this pid: the OS reuses pids over months.
+pub(super) const UPDATE_WORKER_EXIT: &str = "UPDATE workers SET exited_us = ?2, exit_code = ?3, \
+     signal = ?4, exit_status = ?5, requests_served = ?6, reason = ?7 \
+     WHERE id = (SELECT max(id) FROM workers WHERE pid = ?1 AND exited_us IS NULL)";
+pub(super) const INSERT_WORKER_EXIT: &str = "INSERT INTO workers \
+     (pid, exited_us, exit_code, signal, exit_status, requests_served, reason) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+pub(super) const INSERT_EVENT: &str = "INSERT INTO journal_events (ts_us, kind, count, detail) \
+     VALUES (?1, ?2, ?3, ?4)";
+
+/// The writer thread's side: the connection and the bookkeeping that saves
+/// it from counting rows in SQL.
+pub(super) struct WriterDb {
+    conn: Connection,
+    path: PathBuf,
+    max_rows: u64,
+    /// Rows in `requests`, kept in memory; `None` after a failed transaction,
+    /// when it is counted again.
+    request_rows: Option<u64>,
+    /// Worker and event rows inserted since the last trim of those tables.
+    aux_inserted: u64,
+    /// Shed rows already recorded in `journal_events`.
+    shed_recorded: u64,
+    last_shed_event: Option<Instant>,
+    last_failure_log: Option<Instant>,
+    failed_batches: u64,
+}
+
+/// The mode of the journal and its `-wal` and `-shm` files.
+pub(super) const PRIVATE_MODE: u32 = 0o600;
+
+/// The journal's file as the master itself found or made it before SQLite
+/// opens it: created with mode [`PRIVATE_MODE`], never through a symbolic
+/// link, and a regular file.
+///
+/// It holds no descriptor: SQLite's locks are POSIX record locks, which a
+/// process loses on a file when it closes *any* descriptor of that file,
+/// so nothing here opens the files (other than with `O_PATH`) while SQLite
+/// has them open.
+pub(super) struct PrivateFile {
+    stat: nix::sys::stat::FileStat,
+}
+
+impl PrivateFile {
+    /// Opens or creates `path` (mode [`PRIVATE_MODE`]) without following a
+    /// symbolic link in its last component, checks that it is a regular
+    /// file, and closes it again.
+    pub(super) fn open(path: &Path) -> anyhow::Result<PrivateFile> {
+        use nix::fcntl::OFlag;
+        use nix::sys::stat::Mode;
+        use std::os::fd::{FromRawFd, OwnedFd};
+        let flags = OFlag::O_RDWR
+            | OFlag::O_CREAT
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_CLOEXEC
+            | OFlag::O_NONBLOCK;
+        let raw = match nix::fcntl::open(path, flags, Mode::from_bits_truncate(PRIVATE_MODE)) {
+            Ok(fd) => fd,
+            Err(nix::errno::Errno::ELOOP) => bail!(
+                "journal {}: is a symbolic link; refusing to follow it (name the file itself)",
+                path.display()
+            ),
+            Err(e) => bail!("cannot open journal {}: {}", path.display(), e.desc()),
+        };
+        // SAFETY: `open` just returned this descriptor, and nothing else
+        // owns it; it closes at the end of this function.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let stat = nix::sys::stat::fstat(raw)
+            .map_err(|e| anyhow::anyhow!("cannot open journal {}: {}", path.display(), e.desc()))?;
+        drop(fd);
+        if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+            bail!("journal {}: not a regular file", path.display());
+        }
+        Ok(PrivateFile { stat })
+    }
+
+    /// Fails unless `path` still names the file [`PrivateFile::open`] saw
+    /// (so SQLite opened that file, and not one swapped in meanwhile).
+    pub(super) fn check_still_at(&self, path: &Path) -> anyhow::Result<()> {
+        let now = nix::sys::stat::lstat(path).ok();
+        if now.is_none_or(|n| (n.st_dev, n.st_ino) != (self.stat.st_dev, self.stat.st_ino)) {
+            bail!(
+                "journal {}: the file was replaced while the master opened it",
+                path.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Makes the journal, and its `-wal` and `-shm` files, private to the
+    /// master's user when they are not: a journal an older master created
+    /// (0644), or one copied in, keeps clients' addresses from other users
+    /// from now on. Says so, once, when it changed a mode. Runs once SQLite
+    /// has accepted the file, so a file the master refuses is left as it
+    /// was; changes modes by name without following a symbolic link
+    /// (`fchmodat`, which opens only with `O_PATH`).
+    pub(super) fn tighten(&self, path: &Path) {
+        use nix::sys::stat::{fchmodat, FchmodatFlags, Mode};
+        let mut changed = Vec::new();
+        let mut failed = Vec::new();
+        for suffix in ["", "-wal", "-shm"] {
+            let mut name = path.as_os_str().to_owned();
+            name.push(suffix);
+            let name = PathBuf::from(name);
+            let Ok(st) = nix::sys::stat::lstat(&name) else {
+                continue;
+            };
+            if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_mode & 0o077 == 0 {
+                continue;
+            }
+            let text = format!("{} ({:o})", name.display(), st.st_mode & 0o7777);
+            let private = Mode::from_bits_truncate(PRIVATE_MODE);
+            match fchmodat(None, &name, private, FchmodatFlags::NoFollowSymlink) {
+                Ok(()) => changed.push(text),
+                Err(e) => failed.push(format!("{text}: {}", e.desc())),
+            }
+        }
+        if !changed.is_empty() {
+            log::warn!(
+                "journal files readable by other users made {PRIVATE_MODE:o}: {}",
+                changed.join(", ")
+            );
+        }
+        if !failed.is_empty() {
+            log::warn!(
+                "journal files readable by other users could not be made {PRIVATE_MODE:o}: {}",
+                failed.join(", ")
+            );
+        }
+    }
+}
+
+impl WriterDb {
+    pub(super) fn open(path: &Path, max_rows: u64) -> anyhow::Result<WriterDb> {
+        // NOFOLLOW: SQLite refuses a symbolic link too (it would otherwise
+        // resolve one), should the name change after `PrivateFile::open`.
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_NOFOLLOW;
+        let conn = Connection::open_with_flags(path, flags)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        // The first statement reads the header: a non-SQLite file fails here.
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            bail!("cannot switch to WAL mode (journal_mode is {mode})");
+        }
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // Keep a WAL that grew during a burst from staying large forever.
+        conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
+        let mut db = WriterDb {
+            conn,
+            path: path.to_owned(),
+            max_rows,
+            request_rows: None,
+            aux_inserted: 0,
+            shed_recorded: 0,
+            last_shed_event: None,
+            last_failure_log: None,
+            failed_batches: 0,
+        };
+        db.prepare_schema()?;
+        let check: String = db.conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+        if check != "ok" {
+            bail!("the database is corrupt: {check}");
+        }
+        db.request_rows = Some(db.count_requests()?);
+        Ok(db)
+    }
+
+    /// Creates the schema on first use, or checks it is ours; either way it
+    /// writes (the `open` event), so an unwritable file fails now and not on
+    /// the first batch.
+    pub(super) fn prepare_schema(&mut self) -> anyhow::Result<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version: i32 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        match version {
+            0 => {
+                let tables: i64 =
+                    tx.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))?;
+                if tables != 0 {
+                    bail!("not a udp-pool journal (a database with other tables)");
+                }
+                tx.execute_batch(SCHEMA)?;
+            }
+            1 => {
+                log::info!("journal: schema version 1 -> 2 (request ids as values)");
+                tx.execute_batch(MIGRATE_FROM_1)
+                    .context("cannot migrate the journal from schema version 1")?;
+            }
+            SCHEMA_VERSION => {}
+            v => bail!(
+                "journal schema version {v} is newer than this master understands ({SCHEMA_VERSION})"
+            ),
+        }
+        tx.execute(
+            INSERT_EVENT,
+            params![
+                now_unix_us(),
+                "open",
+                0,
+                format!("master pid {}", std::process::id())
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub(super) fn count_requests(&self) -> rusqlite::Result<u64> {
+        self.conn
+            .query_row("SELECT count(*) FROM requests", [], |r| r.get::<_, i64>(0))
+            .map(|n| n.max(0) as u64)
+    }
+
+    /// The writer thread: take what is queued, write it, repeat; on close,
+    /// write what is left and return.
+    pub(super) fn run(mut self, shared: &Shared) {
+        let mut rows: Vec<RequestRow> = Vec::with_capacity(FLUSH_ROWS);
+        let mut workers: Vec<WorkerEvent> = Vec::new();
+        let mut last_commit: Option<Instant> = None;
+        loop {
+            let closing = {
+                let mut q = shared.lock();
+                loop {
+                    if q.closing || q.rows.len() >= FLUSH_ROWS {
+                        break;
+                    }
+                    if q.rows.is_empty() && q.workers.is_empty() {
+                        q.writer_idle = true;
+                        q = shared.wake.wait(q).unwrap_or_else(PoisonError::into_inner);
+                        q.writer_idle = false;
+                        continue;
+                    }
+                    // Something is queued: commit at most every COMMIT_INTERVAL,
+                    // so a steady trickle still makes few, larger transactions.
+                    let since = last_commit.map_or(COMMIT_INTERVAL, |t| t.elapsed());
+                    if since >= COMMIT_INTERVAL {
+                        break;
+                    }
+                    q = shared
+                        .wake
+                        .wait_timeout(q, COMMIT_INTERVAL - since)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
+                std::mem::swap(&mut q.rows, &mut rows);
+                std::mem::swap(&mut q.workers, &mut workers);
+                q.closing
+            };
+            self.write(&rows, &workers, shared, closing);
+            last_commit = Some(Instant::now());
+            rows.clear();
+            workers.clear();
+            if closing {
+                // `close` takes the handle, so nothing can be queued after it.
+                return;
+            }
+        }
+    }
+
+    /// Writes one batch in one transaction, keeping the counters right
+    /// whether it commits or fails.
+    pub(super) fn write(
+        &mut self,
+        rows: &[RequestRow],
+        workers: &[WorkerEvent],
+        shared: &Shared,
+        closing: bool,
+    ) {
+        let shed_total = shared.shed.load(Ordering::Relaxed);
+        let record_shed = shed_total > self.shed_recorded
+            && (closing || interval_passed(self.last_shed_event, SHED_EVENT_INTERVAL));
+        let shed_now = if record_shed {
+            shed_total - self.shed_recorded
+        } else {
+            0
+        };
+        match self.write_tx(rows, workers, shed_now, closing) {
+            Ok(()) => {
+                shared
+                    .written
+                    .fetch_add(rows.len() as u64, Ordering::Relaxed);
+                if record_shed {
+                    log::warn!(
+                        "journal {}: shed {shed_now} rows ({shed_total} in all): the writer fell behind",
+                        self.path.display()
+                    );
+                    self.shed_recorded = shed_total;
+                    self.last_shed_event = Some(Instant::now());
+                }
+            }
+            Err(e) => {
+                // The rows are lost: count them as shed so the loss is visible.
+                shared.shed.fetch_add(rows.len() as u64, Ordering::Relaxed);
+                self.request_rows = None;
+                self.failed_batches += 1;
+                let log_now =
+                    closing || interval_passed(self.last_failure_log, SHED_EVENT_INTERVAL);
+                if log_now {
+                    log::error!(
+                        "journal {}: cannot write {} rows ({} failed batches so far): {e:#}",
+                        self.path.display(),
+                        rows.len(),
+                        self.failed_batches
+                    );
+                    self.last_failure_log = Some(Instant::now());
+                }
+            }
+        }
+    }
+
+    pub(super) fn write_tx(
+        &mut self,
+        rows: &[RequestRow],
+        workers: &[WorkerEvent],
+        shed_now: u64,
+        closing: bool,
+    ) -> anyhow::Result<()> {
+        let mut request_rows = match self.request_rows {
+            Some(n) => n,
+            None => self.count_requests()?,
+        };
+        let mut aux_inserted = self.aux_inserted;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if !rows.is_empty() {
+            let mut client_buf = [0u8; 64];
+            let mut chunks = rows.chunks_exact(INSERT_MANY_ROWS);
+            if chunks.len() > 0 {
+                let mut insert_many = tx.prepare_cached(insert_many_sql())?;
+                for chunk in &mut chunks {
+                    for (i, row) in chunk.iter().enumerate() {
+                        bind_request(&mut insert_many, i * REQUEST_COLUMNS, row, &mut client_buf)?;
+                    }
+                    insert_many.raw_execute()?;
+                }
+            }
+            let rest = chunks.remainder();
+            if !rest.is_empty() {
+                let mut insert = tx.prepare_cached(INSERT_REQUEST)?;
+                for row in rest {
+                    bind_request(&mut insert, 0, row, &mut client_buf)?;
+                    insert.raw_execute()?;
+                }
+            }
+            request_rows += rows.len() as u64;
+        }
+        for event in workers {
+            match *event {
+                WorkerEvent::Started { pid, at_us } => {
+                    tx.prepare_cached(INSERT_WORKER)?
+                        .execute(params![pid, at_us])?;
+                    aux_inserted += 1;
+                }
+                WorkerEvent::Exited {
+                    pid,
+                    at_us,
+                    exit_code,
+                    signal,
+                    requests_served,
+                    reason,
+                } => {
+                    let values = params![
+                        pid,
+                        at_us,
+                        exit_code,
+                        signal,
+                        exit_status_text(exit_code, signal),
+                        i64::try_from(requests_served).unwrap_or(i64::MAX),
+                        reason.as_str(),
+                    ];
+                    // A worker whose start was never recorded (shed by a
+                    // failed write) still gets its exit recorded.
+                    if tx.prepare_cached(UPDATE_WORKER_EXIT)?.execute(values)? == 0 {
+                        tx.prepare_cached(INSERT_WORKER_EXIT)?.execute(values)?;
+                        aux_inserted += 1;
+                    }
+                }
+            }
+        }
+        let now = now_unix_us();
+        if shed_now > 0 {
+            tx.prepare_cached(INSERT_EVENT)?.execute(params![
+                now,
+                "shed",
+                i64::try_from(shed_now).unwrap_or(i64::MAX),
+                Option::<&str>::None
+            ])?;
+            aux_inserted += 1;
+        }
+        if closing {
+            tx.prepare_cached(INSERT_EVENT)?.execute(params![
+                now,
+                "close",
+                0,
+                format!("master pid {}", std::process::id())
+            ])?;
+            aux_inserted += 1;
+        }
+        request_rows = apply_retention(&tx, self.max_rows, request_rows)?;
+        if aux_inserted >= 1000 {
+            trim_aux_tables(&tx)?;
+            aux_inserted = 0;
+        }
+        tx.commit()?;
+        self.request_rows = Some(request_rows);
+        self.aux_inserted = aux_inserted;
+        Ok(())
+    }
+}
+
+/// Deletes the oldest requests once the table is more than a tenth (at
+/// least 100 rows) over `max_rows`, back down to `max_rows`: old rows go
+/// in batches, not one per insert. Returns the new row count.
+pub(super) fn apply_retention(
+    tx: &Connection,
+    max_rows: u64,
+    request_rows: u64,
+) -> rusqlite::Result<u64> {
+    if max_rows == 0 {
+        return Ok(request_rows);
+    }
+    let slack = (max_rows / 10).max(100);
+    if request_rows <= max_rows + slack {
+        return Ok(request_rows);
+    }
+    // Ids grow by one per insert and only the oldest are deleted, so the
+    // newest `max_rows` rows are those above `max(id) - max_rows`.
+    let keep = i64::try_from(max_rows).unwrap_or(i64::MAX);
+    let deleted = tx
+        .prepare_cached("DELETE FROM requests WHERE id <= (SELECT max(id) FROM requests) - ?1")?
+        .execute([keep])? as u64;
+    let left = request_rows.saturating_sub(deleted);
+    if left > max_rows + slack {
+        // Ids with gaps (rows deleted by hand): count for real.
+        let n: i64 = tx.query_row("SELECT count(*) FROM requests", [], |r| r.get(0))?;
+        return Ok(n.max(0) as u64);
+    }
+    Ok(left)
+}
+
+/// Whether `every` has passed since `last` (or it never happened).
+pub(super) fn interval_passed(last: Option<Instant>, every: Duration) -> bool {
+    match last {
+        Some(t) => t.elapsed() >= every,
+        None => true,
+    }
+}
+
+/// Keeps `workers` (exited ones) and `journal_events` to their newest
+/// [`MAX_AUX_ROWS`] rows.
+pub(super) fn trim_aux_tables(tx: &Connection) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "DELETE FROM workers WHERE exited_us IS NOT NULL \
+         AND id <= (SELECT max(id) FROM workers) - ?1",
+    )?
+    .execute([MAX_AUX_ROWS])?;
+    tx.prepare_cached(
+        "DELETE FROM journal_events WHERE id <= (SELECT max(id) FROM journal_events) - ?1",
+    )?
+    .execute([MAX_AUX_ROWS])?;
+    Ok(())
+}
+
+/// Binds a request's id to parameter `index` as the value it denotes
+/// ([`protocol::id_value`]): a string as TEXT without its quotes, an
+/// integer as INTEGER, another number as REAL, `true`/`false` as 1/0 (as
+/// SQLite reads them), and `null`, like no id, as NULL. Allocates only for
+/// a string with escapes.
+pub(super) fn bind_request_id(
+    stmt: &mut Statement<'_>,
+    index: usize,
+    id: Option<&RequestId>,
+) -> rusqlite::Result<()> {
+    let Some(id) = id else {
+        return stmt.raw_bind_parameter(index, Null);
+    };
+    // Borrowed unless a cut left bytes that are not UTF-8.
+    let raw = String::from_utf8_lossy(id.as_bytes());
+    match protocol::id_value(&raw) {
+        IdValue::Text(text) => stmt.raw_bind_parameter(index, &*text),
+        IdValue::Integer(n) => stmt.raw_bind_parameter(index, n),
+        IdValue::Real(x) => stmt.raw_bind_parameter(index, x),
+        IdValue::Bool(b) => stmt.raw_bind_parameter(index, i64::from(b)),
+        IdValue::Null => stmt.raw_bind_parameter(index, Null),
+    }
+}
+
+/// Binds `row` to the parameters `offset + 1 ..= offset + REQUEST_COLUMNS`
+/// of `stmt`, in the column order of [`INSERT_REQUEST`]. SQLite copies the
+/// text it is given, so `client_buf` can be reused for the next row.
+pub(super) fn bind_request(
+    stmt: &mut Statement<'_>,
+    offset: usize,
+    row: &RequestRow,
+    client_buf: &mut [u8; 64],
+) -> rusqlite::Result<()> {
+    let client = format_client(row.client, client_buf);
+    stmt.raw_bind_parameter(offset + 1, row.ts_unix_us)?;
+    stmt.raw_bind_parameter(offset + 2, client.as_ref())?;
+    bind_request_id(stmt, offset + 3, row.request_id.as_ref())?;
+    stmt.raw_bind_parameter(offset + 4, row.op.as_str())?;
+    stmt.raw_bind_parameter(offset + 5, row.worker_pid)?;
+    stmt.raw_bind_parameter(offset + 6, row.outcome.as_str())?;
+    stmt.raw_bind_parameter(
+        offset + 7,
+        i64::try_from(row.latency_us).unwrap_or(i64::MAX),
+    )?;
+    Ok(())
+}
+
+/// `ip:port` text for `addr`, written into `buf` (no allocation unless an
+/// IPv6 address with a scope id does not fit).
+pub(super) fn format_client(addr: SocketAddr, buf: &mut [u8; 64]) -> std::borrow::Cow<'_, str> {
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    if write!(cursor, "{addr}").is_ok() {
+        let len = cursor.position() as usize;
+        if let Ok(s) = std::str::from_utf8(&buf[..len]) {
+            return std::borrow::Cow::Borrowed(s);
+        }
+    }
+    std::borrow::Cow::Owned(addr.to_string())
+}
