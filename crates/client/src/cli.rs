@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use crate::failover::Policy;
 use crate::mix::Mix;
 
 /// The longest a load run may last, whatever it is asked: every run stops by itself.
@@ -16,17 +17,32 @@ pub const MIN_RATE: f64 = 0.001;
 /// The highest `--rate`: a hundred times what one machine's loopback carries.
 pub const MAX_RATE: f64 = 1e8;
 
+/// The most `--server`s a command line may name.
+pub const MAX_SERVERS: usize = 16;
+
+/// How `client` retries and fails over, for its `--help`.
+const CLIENT_AFTER_HELP: &str = "\
+Several servers: a request starts at the first server (--policy first) or, with
+--processes K, client process i starts at server i mod n (--policy round-robin).
+A server that does not reply within --timeout-ms is sent the same datagram again
+(same id, same socket, so its duplicate-request cache absorbs it) --retries times,
+then the request fails over to the next server, with the same id. A `busy` or
+`shutting_down` reply and an ICMP port unreachable (nothing listens) fail over at
+once. A reply that comes late from a server already left behind still answers.
+Within one process, a server that timed out 3 times in a row, refused or said
+shutting_down is skipped for 5 s. The reply is printed with the server that
+sent it.
+
+Exit status: 0 for a reply, 1 for an error reply (or another failure), 2 when no
+server answered (one line names each server tried and why: timeout, refused,
+busy, shutting_down).";
+
 /// Send one request to a udp-pool server and print its reply.
 #[derive(Debug, Parser)]
-#[command(
-    name = "client",
-    version,
-    after_help = "Exit status: 0 for a reply, 1 for an error reply (or another failure), \
-                  2 when no server answered."
-)]
+#[command(name = "client", version, after_help = CLIENT_AFTER_HELP)]
 pub struct ClientArgs {
-    /// Server to ask, HOST:PORT. Repeat to name fallbacks, tried in order
-    /// when one does not answer.
+    /// Server to ask, HOST:PORT. Repeat to name several (at most 16): see
+    /// --policy and below.
     #[arg(
         long = "server",
         value_name = "ADDR",
@@ -34,17 +50,23 @@ pub struct ClientArgs {
     )]
     pub servers: Vec<String>,
 
+    /// Which server a request starts at.
+    #[arg(long, value_enum, default_value_t = Policy::First)]
+    pub policy: Policy,
+
     /// How long to wait for each attempt's reply.
     #[arg(long, value_name = "MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub timeout_ms: u64,
 
-    /// Retries per server after the first attempt.
+    /// Resends of the request to one server (same id, same socket) after a
+    /// timeout, before failing over to the next.
     #[arg(long, value_name = "N", default_value_t = 2,
           value_parser = clap::value_parser!(u32).range(0..=100))]
     pub retries: u32,
 
-    /// Print the raw reply instead of a readable line.
+    /// Print the reply as it came, with a "server" field added (a reply
+    /// that is not a JSON object is printed as {"reply":TEXT,"server":ADDR}).
     #[arg(long)]
     pub json: bool,
 
@@ -53,6 +75,11 @@ pub struct ClientArgs {
     #[arg(long, value_name = "K",
           value_parser = clap::value_parser!(u32).range(1..=256))]
     pub processes: Option<u32>,
+
+    /// Internal: this client's number among --processes, for
+    /// `--policy round-robin`.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub process_index: usize,
 
     /// What to ask.
     #[command(subcommand)]
@@ -200,6 +227,27 @@ mod tests {
         assert!(
             matches!(a.command, ClientCommand::Send { text } if text.join(" ") == "Hi server!")
         );
+    }
+
+    #[test]
+    fn several_servers_and_a_policy() {
+        let a = ClientArgs::parse_from([
+            "client",
+            "--server",
+            "127.0.0.1:1",
+            "--server",
+            "127.0.0.1:2",
+            "--policy",
+            "round-robin",
+            "hello",
+        ]);
+        assert_eq!(a.servers, ["127.0.0.1:1", "127.0.0.1:2"]);
+        assert_eq!(a.policy, Policy::RoundRobin);
+        assert_eq!(
+            ClientArgs::parse_from(["client", "hello"]).policy,
+            Policy::First
+        );
+        assert!(ClientArgs::try_parse_from(["client", "--policy", "random", "hello"]).is_err());
     }
 
     /// `option=value` parses or not, for each of `values`.

@@ -12,7 +12,7 @@
 //! * [`failover`]: several servers: where a request starts, where it goes
 //!   when one fails it, which are skipped for a while (no sockets).
 //! * [`wire`]: requests rendered, replies read, matched and checked.
-//! * [`oneshot`]: the `client` binary's work: ask, retry, fall back, print.
+//! * [`oneshot`]: the `client` binary's work: ask, retry, fail over, print.
 //! * [`mix`]: the load generator's request mix.
 //! * [`load`]: the load generator's poll loop and its `--processes` parent;
 //!   its sockets are read and written in batches with `netio`.
