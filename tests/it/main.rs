@@ -15,11 +15,15 @@
 //!   the rest of 127/8 with `--trusted 127.0.0.1`): the amplification bound,
 //!   `stats` forbidden, the rate limit, `sleep` off by default, a flood from
 //!   100,000 addresses.
+//! * [`failover`]: issue 10 item 4, the client side: `client` and
+//!   `loadgen` with several servers: retries, failover on a timeout, a
+//!   closed port or `busy`, and no loss when one of two servers is killed.
 //! * [`one_reply`]: exactly one reply per request on every stop path and
 //!   timeout; signals as documented; a loop that never stalls.
 //! * [`privileges`]: issue 9's least privilege: workers as `--user nobody`,
 //!   their resource limits and seccomp filter, the warning of a root master.
 
+mod failover;
 mod faults;
 mod harness;
 mod hostile;

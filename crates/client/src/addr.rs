@@ -2,6 +2,8 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 
+use crate::cli::MAX_SERVERS;
+
 /// Why a server address was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum AddrError {
@@ -14,6 +16,34 @@ pub enum AddrError {
     /// The load generator only loads this machine.
     #[error("loadgen only sends load to this machine: {0} is not a loopback address (use 127.0.0.1 or [::1])")]
     NotLoopback(SocketAddr),
+    /// More `--server`s than [`MAX_SERVERS`].
+    #[error("{0} servers named: at most {MAX_SERVERS} --server options are allowed")]
+    TooMany(usize),
+}
+
+/// Resolves every `--server`: [`resolve_loopback`] each when `loopback_only`,
+/// else [`resolve`].
+///
+/// # Errors
+/// The first address that does not resolve (or is not loopback), or
+/// [`AddrError::TooMany`].
+pub fn resolve_servers(
+    texts: &[String],
+    loopback_only: bool,
+) -> Result<Vec<SocketAddr>, AddrError> {
+    if texts.len() > MAX_SERVERS {
+        return Err(AddrError::TooMany(texts.len()));
+    }
+    texts
+        .iter()
+        .map(|t| {
+            if loopback_only {
+                resolve_loopback(t)
+            } else {
+                resolve(t)
+            }
+        })
+        .collect()
 }
 
 /// Resolves `HOST:PORT` (`127.0.0.1:10001`, `[::1]:10001`, `localhost:10001`)
@@ -73,6 +103,17 @@ mod tests {
             Err(AddrError::NotLoopback(_))
         ));
         assert!(resolve("no-port").is_err());
+        let two = ["127.0.0.1:1".to_string(), "10.0.0.1:2".to_string()];
+        assert!(resolve_servers(&two, false).is_ok());
+        assert!(matches!(
+            resolve_servers(&two, true),
+            Err(AddrError::NotLoopback(_))
+        ));
+        let many = vec!["127.0.0.1:1".to_string(); MAX_SERVERS + 1];
+        assert!(matches!(
+            resolve_servers(&many, true),
+            Err(AddrError::TooMany(17))
+        ));
         assert!(local_wildcard("[::1]:7".parse().unwrap()).is_ipv6());
     }
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use crate::failover::Policy;
 use crate::mix::Mix;
 
 /// The longest a load run may last, whatever it is asked: every run stops by itself.
@@ -16,17 +17,32 @@ pub const MIN_RATE: f64 = 0.001;
 /// The highest `--rate`: a hundred times what one machine's loopback carries.
 pub const MAX_RATE: f64 = 1e8;
 
+/// The most `--server`s a command line may name.
+pub const MAX_SERVERS: usize = 16;
+
+/// How `client` retries and fails over, for its `--help`.
+const CLIENT_AFTER_HELP: &str = "\
+Several servers: a request starts at the first server (--policy first) or, with
+--processes K, client process i starts at server i mod n (--policy round-robin).
+A server that does not reply within --timeout-ms is sent the same datagram again
+(same id, same socket, so its duplicate-request cache absorbs it) --retries times,
+then the request fails over to the next server, with the same id. A `busy` or
+`shutting_down` reply and an ICMP port unreachable (nothing listens) fail over at
+once. A reply that comes late from a server already left behind still answers.
+Within one process, a server that timed out 3 times in a row, refused or said
+shutting_down is skipped for 5 s. The reply is printed with the server that
+sent it.
+
+Exit status: 0 for a reply, 1 for an error reply (or another failure), 2 when no
+server answered (one line names each server tried and why: timeout, refused,
+busy, shutting_down).";
+
 /// Send one request to a udp-pool server and print its reply.
 #[derive(Debug, Parser)]
-#[command(
-    name = "client",
-    version,
-    after_help = "Exit status: 0 for a reply, 1 for an error reply (or another failure), \
-                  2 when no server answered."
-)]
+#[command(name = "client", version, after_help = CLIENT_AFTER_HELP)]
 pub struct ClientArgs {
-    /// Server to ask, HOST:PORT. Repeat to name fallbacks, tried in order
-    /// when one does not answer.
+    /// Server to ask, HOST:PORT. Repeat to name several (at most 16): see
+    /// --policy and below.
     #[arg(
         long = "server",
         value_name = "ADDR",
@@ -34,17 +50,23 @@ pub struct ClientArgs {
     )]
     pub servers: Vec<String>,
 
+    /// Which server a request starts at.
+    #[arg(long, value_enum, default_value_t = Policy::First)]
+    pub policy: Policy,
+
     /// How long to wait for each attempt's reply.
     #[arg(long, value_name = "MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub timeout_ms: u64,
 
-    /// Retries per server after the first attempt.
+    /// Resends of the request to one server (same id, same socket) after a
+    /// timeout, before failing over to the next.
     #[arg(long, value_name = "N", default_value_t = 2,
           value_parser = clap::value_parser!(u32).range(0..=100))]
     pub retries: u32,
 
-    /// Print the raw reply instead of a readable line.
+    /// Print the reply as it came, with a "server" field added (a reply
+    /// that is not a JSON object is printed as {"reply":TEXT,"server":ADDR}).
     #[arg(long)]
     pub json: bool,
 
@@ -53,6 +75,11 @@ pub struct ClientArgs {
     #[arg(long, value_name = "K",
           value_parser = clap::value_parser!(u32).range(1..=256))]
     pub processes: Option<u32>,
+
+    /// Internal: this client's number among --processes, for
+    /// `--policy round-robin`.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub process_index: usize,
 
     /// What to ask.
     #[command(subcommand)]
@@ -86,17 +113,46 @@ pub enum ClientCommand {
     },
 }
 
+/// How `loadgen` spreads load and fails over, for its `--help`.
+const LOAD_AFTER_HELP: &str = "\
+Several servers: each socket sends to one server: all to the first
+(--policy first) or socket i of process p to server (p * --sockets + i) mod n
+(--policy round-robin: per socket, not per request). Every process also has one
+socket per server for requests that fail over. A request without a reply within
+--timeout-ms is sent again on the same socket --retries times, then fails over
+to the next server with the same id; a `busy` or `shutting_down` reply and an
+ICMP port unreachable fail it over at once (port unreachable: every request on
+that server). It is lost when no server is left. A server that timed out 3 times
+in a row, refused or said shutting_down is skipped for 5 s: its sockets' new
+requests go to the next server. The report counts, per server, the datagrams
+sent, the requests answered, retried, failed over and lost.";
+
 /// Load a udp-pool server on this machine and report what came back.
 ///
 /// Closed loop (the default) keeps --window requests outstanding per socket;
 /// open loop (--rate) sends on a fixed schedule and measures latency from
 /// the intended send time, so a stalled server cannot hide its stalls.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "loadgen", version)]
+#[command(name = "loadgen", version, after_help = LOAD_AFTER_HELP)]
 pub struct LoadArgs {
-    /// Server to load, HOST:PORT; loopback addresses only.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10001")]
-    pub server: String,
+    /// Server to load, HOST:PORT; loopback addresses only. Repeat to load
+    /// several (at most 16).
+    #[arg(
+        long = "server",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:10001"
+    )]
+    pub servers: Vec<String>,
+
+    /// How sockets are spread over the servers.
+    #[arg(long, value_enum, default_value_t = Policy::First)]
+    pub policy: Policy,
+
+    /// Resends of a timed-out request to the same server (same id, same
+    /// socket) before it fails over or counts as lost.
+    #[arg(long, value_name = "N", default_value_t = 0,
+          value_parser = clap::value_parser!(u8).range(0..=10))]
+    pub retries: u8,
 
     /// Closed loop: requests outstanding per socket.
     #[arg(long, value_name = "W", default_value_t = 64,
@@ -134,8 +190,8 @@ pub struct LoadArgs {
           value_parser = clap::value_parser!(u64).range(0..=protocol::MAX_SLEEP_MS))]
     pub sleep_ms: u64,
 
-    /// A request with no reply this long after it was sent counts as lost;
-    /// also how long to wait for the last replies.
+    /// An attempt with no reply this long after it was sent is retried,
+    /// failed over or, at the last server, counted lost.
     #[arg(long, value_name = "MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub timeout_ms: u64,
@@ -155,6 +211,11 @@ pub struct LoadArgs {
     /// Internal: run as one of --processes and print the raw tally as JSON.
     #[arg(long, hide = true)]
     pub child: bool,
+
+    /// Internal: this child's number among --processes, for
+    /// `--policy round-robin`.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub process_index: usize,
 }
 
 /// Parses a number of `what` from `min` to `max`; also refuses NaN and
@@ -202,6 +263,30 @@ mod tests {
         );
     }
 
+    #[test]
+    fn several_servers_and_a_policy() {
+        let a = ClientArgs::parse_from([
+            "client",
+            "--server",
+            "127.0.0.1:1",
+            "--server",
+            "127.0.0.1:2",
+            "--policy",
+            "round-robin",
+            "hello",
+        ]);
+        assert_eq!(a.servers, ["127.0.0.1:1", "127.0.0.1:2"]);
+        assert_eq!(a.policy, Policy::RoundRobin);
+        assert_eq!(
+            ClientArgs::parse_from(["client", "hello"]).policy,
+            Policy::First
+        );
+        let l = LoadArgs::parse_from(["loadgen", "--server", "[::1]:1", "--server", "127.0.0.1:2"]);
+        assert_eq!(l.servers, ["[::1]:1", "127.0.0.1:2"]);
+        assert_eq!((l.policy, l.retries), (Policy::First, 0));
+        assert!(ClientArgs::try_parse_from(["client", "--policy", "random", "hello"]).is_err());
+    }
+
     /// `option=value` parses or not, for each of `values`.
     #[track_caller]
     fn edges<P: Parser>(command: &[&str], option: &str, ok: &[&str], refused: &[&str]) {
@@ -239,6 +324,7 @@ mod tests {
         edges::<LoadArgs>(l, "--sockets", &["1", "1024"], &["0", "1025"]);
         edges::<LoadArgs>(l, "--processes", &["1", "64"], &["0", "65"]);
         edges::<LoadArgs>(l, "--timeout-ms", &["1", "60000"], &["0", "60001"]);
+        edges::<LoadArgs>(l, "--retries", &["0", "10"], &["11", "-1"]);
         edges::<LoadArgs>(
             l,
             "--sleep-ms",

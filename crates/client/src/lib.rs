@@ -9,8 +9,10 @@
 //! # Layout
 //! * [`cli`]: the command lines of both binaries.
 //! * [`addr`]: server addresses (loopback only for load).
+//! * [`failover`]: several servers: where a request starts, where it goes
+//!   when one fails it, which are skipped for a while (no sockets).
 //! * [`wire`]: requests rendered, replies read, matched and checked.
-//! * [`oneshot`]: the `client` binary's work: ask, retry, fall back, print.
+//! * [`oneshot`]: the `client` binary's work: ask, retry, fail over, print.
 //! * [`mix`]: the load generator's request mix.
 //! * [`load`]: the load generator's poll loop and its `--processes` parent;
 //!   its sockets are read and written in batches with `netio`.
@@ -19,6 +21,7 @@
 
 pub mod addr;
 pub mod cli;
+pub mod failover;
 pub mod load;
 pub mod mix;
 pub mod oneshot;

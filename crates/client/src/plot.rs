@@ -28,7 +28,11 @@ pub fn render_svg(setup: &Setup, t: &Tally) -> String {
     let lines = [
         format!(
             "loadgen -> {}: {} loop, {} socket(s) x {} process(es), mix {}",
-            setup.server, setup.mode, setup.sockets, setup.processes, setup.mix
+            setup.servers.join(", "),
+            setup.mode,
+            setup.sockets,
+            setup.processes,
+            setup.mix
         ),
         format!(
             "{:.0} replies/s, p50 {}, p99 {}, max {}, lost {} of {}",
@@ -279,7 +283,9 @@ mod tests {
             t.answer(i * 1_000_000, 50_000 + i * 100);
         }
         let setup = Setup {
-            server: "127.0.0.1:1".into(),
+            servers: vec!["127.0.0.1:1".into()],
+            policy: "first",
+            retries: 0,
             mode: "closed",
             window: Some(1),
             rate: None,

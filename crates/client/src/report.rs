@@ -26,8 +26,12 @@ pub struct Tally {
     pub answered: u64,
     /// Requests with no reply within `--timeout-ms` of being sent.
     pub lost: u64,
-    /// Further copies of a reply already counted.
+    /// Further copies of a reply already counted, to requests sent once.
     pub duplicates: u64,
+    /// Further replies to requests sent more than once (a retry or a
+    /// failover crossed the first reply): expected, and not duplicates.
+    #[serde(default)]
+    pub resent_replies: u64,
     /// Replies that came after their request was counted lost.
     pub late: u64,
     /// `"ok":true` replies whose content is wrong (a square, greeting or sleep
@@ -60,6 +64,48 @@ pub struct Tally {
     /// Sending stopped early on SIGINT or SIGTERM.
     #[serde(default)]
     pub interrupted: bool,
+    /// What each server did, in `--server` order.
+    #[serde(default)]
+    pub servers: Vec<ServerTally>,
+}
+
+/// What one server did in a load run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerTally {
+    /// The server's address.
+    pub server: String,
+    /// Datagrams sent to it: first attempts, retries and failed-over requests.
+    pub sent: u64,
+    /// Requests it answered (the first reply to each).
+    pub answered: u64,
+    /// Timed-out attempts it was sent again (`--retries`).
+    pub retried: u64,
+    /// Requests that left it for the next server: timed out after every
+    /// retry, `busy`, `shutting_down` or port unreachable.
+    pub failed_over: u64,
+    /// Requests lost with it as the last server tried.
+    pub lost: u64,
+    /// ICMP port-unreachable errors on sockets connected to it.
+    pub refused: u64,
+}
+
+impl ServerTally {
+    /// Nothing counted yet for `server`.
+    pub fn new(server: String) -> ServerTally {
+        ServerTally {
+            server,
+            ..ServerTally::default()
+        }
+    }
+
+    fn merge(&mut self, other: &ServerTally) {
+        self.sent += other.sent;
+        self.answered += other.answered;
+        self.retried += other.retried;
+        self.failed_over += other.failed_over;
+        self.lost += other.lost;
+        self.refused += other.refused;
+    }
 }
 
 impl Default for Tally {
@@ -82,6 +128,8 @@ impl Default for Tally {
             last_answer_ns: 0,
             max_send_lag_ns: 0,
             interrupted: false,
+            servers: Vec::new(),
+            resent_replies: 0,
         }
     }
 }
@@ -130,6 +178,7 @@ impl Tally {
         self.answered += other.answered;
         self.lost += other.lost;
         self.duplicates += other.duplicates;
+        self.resent_replies += other.resent_replies;
         self.late += other.late;
         self.wrong += other.wrong;
         self.unmatched += other.unmatched;
@@ -153,6 +202,13 @@ impl Tally {
         self.last_answer_ns = self.last_answer_ns.max(other.last_answer_ns);
         self.max_send_lag_ns = self.max_send_lag_ns.max(other.max_send_lag_ns);
         self.interrupted |= other.interrupted;
+        // Every process loads the same servers, in the same order.
+        for (i, theirs) in other.servers.iter().enumerate() {
+            match self.servers.get_mut(i) {
+                Some(ours) => ours.merge(theirs),
+                None => self.servers.push(theirs.clone()),
+            }
+        }
     }
 
     /// Error replies of every code.
@@ -208,8 +264,12 @@ mod histogram_pairs {
 /// How the load was applied, for the report's header.
 #[derive(Debug, Clone, Serialize)]
 pub struct Setup {
-    /// The server loaded.
-    pub server: String,
+    /// The servers loaded, in `--server` order.
+    pub servers: Vec<String>,
+    /// `first` or `round-robin`.
+    pub policy: &'static str,
+    /// Resends of a timed-out request to the same server.
+    pub retries: u8,
     /// `closed` or `open`.
     pub mode: &'static str,
     /// Outstanding requests per socket (closed loop).
@@ -268,7 +328,7 @@ pub fn render_text(setup: &Setup, t: &Tally) -> String {
     let _ = writeln!(
         out,
         "loadgen -> {}: {shape}, {} socket(s) x {} process(es), mix {}, {:.2} s",
-        setup.server,
+        setup.servers.join(", "),
         setup.sockets,
         setup.processes,
         setup.mix,
@@ -288,11 +348,11 @@ pub fn render_text(setup: &Setup, t: &Tally) -> String {
         t.late,
         t.wrong
     );
-    if t.unmatched > 0 || t.refused > 0 {
+    if t.unmatched > 0 || t.refused > 0 || t.resent_replies > 0 {
         let _ = writeln!(
             out,
-            "            unmatched replies {}  port unreachable {}",
-            t.unmatched, t.refused
+            "            unmatched replies {}  port unreachable {}  replies to resent requests {}",
+            t.unmatched, t.refused, t.resent_replies
         );
     }
     if t.errors.is_empty() {
@@ -323,6 +383,9 @@ pub fn render_text(setup: &Setup, t: &Tally) -> String {
             human_ns(t.max_send_lag_ns)
         );
     }
+    if setup.servers.len() > 1 || t.servers.iter().any(|s| s.retried > 0) {
+        let _ = write!(out, "{}", render_servers(setup, &t.servers));
+    }
     let _ = write!(out, "{}", render_spread(&t.per_pid));
     let named: u64 = t.per_pid.values().sum();
     if named < t.answered {
@@ -330,6 +393,27 @@ pub fn render_text(setup: &Setup, t: &Tally) -> String {
             out,
             "            ({} answers name no worker: the master's own errors and text replies carry none)",
             t.answered - named
+        );
+    }
+    out
+}
+
+/// What each server did: one line each.
+pub fn render_servers(setup: &Setup, servers: &[ServerTally]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "servers     {} ({}, {} retries per server)",
+        servers.len(),
+        setup.policy,
+        setup.retries
+    );
+    let width = servers.iter().map(|s| s.server.len()).max().unwrap_or(0);
+    for s in servers {
+        let _ = writeln!(
+            out,
+            "  {:<width$}  sent {}  answered {}  retried {}  failed over {}  lost {}  refused {}",
+            s.server, s.sent, s.answered, s.retried, s.failed_over, s.lost, s.refused
         );
     }
     out
@@ -385,8 +469,16 @@ pub fn render_json(setup: &Setup, t: &Tally) -> serde_json::Value {
         .iter()
         .map(|n| *n as f64 * 1e9 / BUCKET_NS as f64)
         .collect();
+    let servers: Vec<serde_json::Value> = t
+        .servers
+        .iter()
+        .map(|s| serde_json::to_value(s).unwrap_or_default())
+        .collect();
     json!({
-        "server": setup.server,
+        "server": setup.servers.join(","),
+        "servers": servers,
+        "policy": setup.policy,
+        "retries": setup.retries,
         "mode": setup.mode,
         "window": setup.window,
         "rate": setup.rate,
@@ -399,6 +491,7 @@ pub fn render_json(setup: &Setup, t: &Tally) -> serde_json::Value {
         "ok": t.answered.saturating_sub(t.error_total() + t.wrong),
         "lost": t.lost,
         "duplicates": t.duplicates,
+        "resent_replies": t.resent_replies,
         "late": t.late,
         "wrong": t.wrong,
         "unmatched": t.unmatched,
@@ -423,7 +516,9 @@ mod tests {
 
     fn setup() -> Setup {
         Setup {
-            server: "127.0.0.1:10001".into(),
+            servers: vec!["127.0.0.1:10001".into()],
+            policy: "first",
+            retries: 0,
             mode: "closed",
             window: Some(32),
             rate: None,

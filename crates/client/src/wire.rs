@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 use std::io::Write;
+use std::net::SocketAddr;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -245,22 +246,26 @@ fn json_str(v: &RawValue) -> Option<Cow<'_, str>> {
 }
 
 /// Renders a reply the way a person wants to read it: `144  (worker 4242)`,
-/// the greeting, or `error: busy: all workers are full`. Replies that are
-/// not JSON (the text dialect) are shown as they came.
-pub fn readable(datagram: &[u8]) -> String {
+/// the greeting, or `error: busy: all workers are full`, and says which
+/// server sent it when `from` is given: `144  (worker 4242 at 127.0.0.1:10001)`,
+/// `49  (from 127.0.0.1:10001)`. Replies that are not JSON (the text dialect)
+/// are shown as they came.
+pub fn readable(datagram: &[u8], from: Option<SocketAddr>) -> String {
     let text = String::from_utf8_lossy(datagram);
+    let at = from.map_or(String::new(), |s| format!("  (from {s})"));
     let Some(reply) = JsonReply::parse(datagram) else {
-        return text.into_owned();
+        return format!("{text}{at}");
     };
-    let worker = match reply.worker_pid() {
-        Some(pid) => format!("  (worker {pid})"),
-        None => String::new(),
+    let worker = match (reply.worker_pid(), from) {
+        (Some(pid), Some(s)) => format!("  (worker {pid} at {s})"),
+        (Some(pid), None) => format!("  (worker {pid})"),
+        (None, _) => at.clone(),
     };
     if !reply.is_ok() {
         let code = reply.error_code().unwrap_or(Cow::Borrowed("unknown"));
         return match reply.message() {
-            Some(m) => format!("error: {code}: {m}"),
-            None => format!("error: {code}"),
+            Some(m) => format!("error: {code}: {m}{at}"),
+            None => format!("error: {code}{at}"),
         };
     }
     match (
@@ -273,9 +278,34 @@ pub fn readable(datagram: &[u8]) -> String {
         (Some("hello"), _, Some(message), _) => format!("{message}{worker}"),
         (Some("sleep"), _, _, Some(ms)) => format!("slept {} ms{worker}", ms.get()),
         _ => match serde_json::from_slice::<serde_json::Value>(datagram) {
-            Ok(v) => serde_json::to_string_pretty(&v).unwrap_or_else(|_| text.into_owned()),
-            Err(_) => text.into_owned(),
+            Ok(v) => format!(
+                "{}{at}",
+                serde_json::to_string_pretty(&v).unwrap_or_else(|_| text.into_owned())
+            ),
+            Err(_) => format!("{text}{at}"),
         },
+    }
+}
+
+/// The reply with `"server":"ADDR"` added as its last field, the rest kept
+/// byte for byte (a `result` of any size stays exact). A reply that is not
+/// a JSON object becomes `{"reply":TEXT,"server":ADDR}`.
+pub fn with_server_field(datagram: &[u8], server: SocketAddr) -> String {
+    let server = serde_json::Value::String(server.to_string());
+    let text = String::from_utf8_lossy(datagram);
+    let body = text.trim();
+    let is_object = body.starts_with('{')
+        && body.ends_with('}')
+        && serde_json::from_str::<&RawValue>(body).is_ok();
+    if !is_object {
+        let reply = serde_json::Value::String(text.into_owned());
+        return format!(r#"{{"reply":{reply},"server":{server}}}"#);
+    }
+    let inner = body[1..body.len() - 1].trim_end();
+    if inner.trim_start().is_empty() {
+        format!(r#"{{"server":{server}}}"#)
+    } else {
+        format!(r#"{{{inner},"server":{server}}}"#)
     }
 }
 
@@ -483,7 +513,7 @@ mod tests {
         let r = JsonReply::parse(d).unwrap();
         assert_eq!(r.id_raw(), Some("\"1-1\""));
         assert_eq!(
-            readable(d),
+            readable(d, None),
             "1524157875323883675049535156256668194500838287337600975522511782677488187881  (worker 4242)"
         );
     }
@@ -491,19 +521,61 @@ mod tests {
     #[test]
     fn readable_replies() {
         assert_eq!(
-            readable(br#"{"ok":true,"op":"hello","message":"Hi 127.0.0.1:5555. This is server 4242","client_pid":1,"worker_pid":4242,"id":7}"#),
+            readable(br#"{"ok":true,"op":"hello","message":"Hi 127.0.0.1:5555. This is server 4242","client_pid":1,"worker_pid":4242,"id":7}"#, None),
             "Hi 127.0.0.1:5555. This is server 4242  (worker 4242)"
         );
         assert_eq!(
-            readable(br#"{"ok":false,"error":"busy","message":"all workers are full","id":7}"#),
+            readable(
+                br#"{"ok":false,"error":"busy","message":"all workers are full","id":7}"#,
+                None
+            ),
             "error: busy: all workers are full"
         );
         assert_eq!(
-            readable(br#"{"ok":true,"op":"sleep","slept_ms":5,"worker_pid":1,"id":7}"#),
+            readable(
+                br#"{"ok":true,"op":"sleep","slept_ms":5,"worker_pid":1,"id":7}"#,
+                None
+            ),
             "slept 5 ms  (worker 1)"
         );
-        assert_eq!(readable(b"49"), "49");
-        assert!(readable(br#"{"ok":true,"op":"stats","workers":[1,2]}"#).contains("\"workers\""));
+        assert_eq!(readable(b"49", None), "49");
+        assert!(
+            readable(br#"{"ok":true,"op":"stats","workers":[1,2]}"#, None).contains("\"workers\"")
+        );
+    }
+
+    #[test]
+    fn replies_name_the_server_that_sent_them() {
+        let s: SocketAddr = "127.0.0.1:10001".parse().unwrap();
+        let sq = br#"{"ok":true,"op":"square","result":144,"worker_pid":4242,"id":"1-1"}"#;
+        assert_eq!(
+            readable(sq, Some(s)),
+            "144  (worker 4242 at 127.0.0.1:10001)"
+        );
+        assert_eq!(readable(b"49", Some(s)), "49  (from 127.0.0.1:10001)");
+        assert_eq!(
+            readable(
+                br#"{"ok":false,"error":"busy","message":"full","id":7}"#,
+                Some(s)
+            ),
+            "error: busy: full  (from 127.0.0.1:10001)"
+        );
+        let big = br#" {"ok":true,"op":"square","result":15241578753238836750495351562536198787501905199875019052100,"id":1} "#;
+        let j = with_server_field(big, s);
+        assert_eq!(
+            j,
+            r#"{"ok":true,"op":"square","result":15241578753238836750495351562536198787501905199875019052100,"id":1,"server":"127.0.0.1:10001"}"#
+        );
+        let v6: SocketAddr = "[::1]:7".parse().unwrap();
+        assert_eq!(with_server_field(b"{ }", v6), r#"{"server":"[::1]:7"}"#);
+        assert_eq!(
+            with_server_field(b"Hi \"x\"", v6),
+            r#"{"reply":"Hi \"x\"","server":"[::1]:7"}"#
+        );
+        assert_eq!(
+            with_server_field(b"{not json}", v6),
+            r#"{"reply":"{not json}","server":"[::1]:7"}"#
+        );
     }
 
     #[test]
