@@ -328,6 +328,12 @@ pub struct PoolPlan {
 pub fn plan(slots: &[WorkerSlot], target: usize) -> PoolPlan {
     let mut plan = PoolPlan::default();
     let serving = |s: &WorkerSlot| matches!(s.state, SlotState::Booting | SlotState::Ready);
+    // The common turn changes nothing: count first, allocate only to act.
+    let active = slots.iter().filter(|s| s.is_active()).count();
+    let replaced = slots
+        .iter()
+        .filter(|s| serving(s) && s.replace_pending)
+        .count();
     for (i, s) in slots.iter().enumerate().filter(|(_, s)| serving(s)) {
         if s.stop_requested {
             plan.retire.push((i, ExitReason::Terminated));
@@ -335,28 +341,30 @@ pub fn plan(slots: &[WorkerSlot], target: usize) -> PoolPlan {
             plan.retire.push((i, ExitReason::Retired));
         }
     }
-    let mut active: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].is_active()).collect();
-    if active.len() > target {
-        active.sort_by_key(|&i| slots[i].started);
-        let excess = active.len() - target;
+    let mut kept = active;
+    if active > target {
+        let mut oldest: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].is_active()).collect();
+        oldest.sort_by_key(|&i| slots[i].started);
+        let excess = active - target;
         plan.retire
-            .extend(active.drain(..excess).map(|i| (i, ExitReason::Scaled)));
+            .extend(oldest[..excess].iter().map(|&i| (i, ExitReason::Scaled)));
+        kept = target;
     }
-    let mut old: Vec<usize> = (0..slots.len())
-        .filter(|&i| serving(&slots[i]) && slots[i].replace_pending)
-        .collect();
-    old.sort_by_key(|&i| slots[i].started);
-    let fresh_ready = active
-        .iter()
-        .filter(|&&i| slots[i].state == SlotState::Ready)
-        .count();
-    let keep_old = target.saturating_sub(fresh_ready).min(old.len());
-    plan.retire.extend(
-        old[..old.len() - keep_old]
+    if replaced > 0 {
+        let mut old: Vec<usize> = (0..slots.len())
+            .filter(|&i| serving(&slots[i]) && slots[i].replace_pending)
+            .collect();
+        old.sort_by_key(|&i| slots[i].started);
+        let fresh_ready = slots
             .iter()
-            .map(|&i| (i, ExitReason::Reload)),
-    );
-    plan.spawn = target.saturating_sub(active.len());
+            .filter(|s| s.is_active() && s.state == SlotState::Ready)
+            .count()
+            .min(kept);
+        let keep_old = target.saturating_sub(fresh_ready).min(old.len());
+        plan.retire
+            .extend(old[..old.len() - keep_old].iter().map(|&i| (i, ExitReason::Reload)));
+    }
+    plan.spawn = target.saturating_sub(kept);
     plan
 }
 
