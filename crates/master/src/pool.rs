@@ -361,8 +361,11 @@ pub fn plan(slots: &[WorkerSlot], target: usize) -> PoolPlan {
             .count()
             .min(kept);
         let keep_old = target.saturating_sub(fresh_ready).min(old.len());
-        plan.retire
-            .extend(old[..old.len() - keep_old].iter().map(|&i| (i, ExitReason::Reload)));
+        plan.retire.extend(
+            old[..old.len() - keep_old]
+                .iter()
+                .map(|&i| (i, ExitReason::Reload)),
+        );
     }
     plan.spawn = target.saturating_sub(kept);
     plan
