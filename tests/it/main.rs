@@ -18,6 +18,7 @@
 //! * [`failover`]: issue 10 item 4, the client side: `client` and
 //!   `loadgen` with several servers: retries, failover on a timeout, a
 //!   closed port or `busy`, and no loss when one of two servers is killed.
+//! * [`several`]: several masters on one port (`--reuse-port`).
 //! * [`one_reply`]: exactly one reply per request on every stop path and
 //!   timeout; signals as documented; a loop that never stalls.
 //! * [`privileges`]: issue 9's least privilege: workers as `--user nobody`,
@@ -32,3 +33,4 @@ mod lifecycle;
 mod one_reply;
 mod privileges;
 mod serve;
+mod several;

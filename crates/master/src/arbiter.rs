@@ -61,6 +61,8 @@ const QUIT_GRACE: Duration = Duration::from_secs(1);
 pub struct Config {
     /// Where to bind.
     pub bind: SocketAddr,
+    /// Bind with `SO_REUSEPORT`, sharing the address with other masters.
+    pub reuse_port: bool,
     /// Pool size; 0 answers inline.
     pub workers: usize,
     /// The worker executable.
@@ -175,7 +177,7 @@ impl Arbiter {
         // Signals are blocked before any thread (the journal writer) starts,
         // so that every thread inherits the mask and only the signalfd sees them.
         let signals = Signals::install().context("cannot set up signal handling")?;
-        let socket = crate::udp::bind(cfg.bind)?;
+        let socket = crate::udp::bind(cfg.bind, cfg.reuse_port)?;
         let journal = match &cfg.journal {
             Some(path) => Some(Journal::open(path, cfg.journal_max_rows)?),
             None => None,

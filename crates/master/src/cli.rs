@@ -93,6 +93,11 @@ pub struct ServeArgs {
     #[arg(long)]
     pub enable_fault_injection: bool,
 
+    /// Sets SO_REUSEPORT on the socket: several masters may serve the same
+    /// address, the kernel spreading clients over them by their address.
+    #[arg(long)]
+    pub reuse_port: bool,
+
     /// The SQLite journal of requests and workers; `none` turns it off.
     #[arg(long, default_value = "udp-pool-journal.db", value_name = "PATH|none",
           value_parser = NonEmptyStringValueParser::new())]

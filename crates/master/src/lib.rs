@@ -57,6 +57,7 @@ pub fn serve(args: &cli::ServeArgs) -> anyhow::Result<()> {
     }
     let cfg = arbiter::Config {
         bind: args.bind,
+        reuse_port: args.reuse_port,
         workers: usize::from(args.workers),
         worker_path,
         max_datagram: args.max_datagram as usize,
