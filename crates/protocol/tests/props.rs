@@ -32,6 +32,7 @@ use protocol::{
 };
 
 use oracle::datagram::{check_datagram, check_json_reply, EXAMPLE_CTX};
+use oracle::frames::feed;
 
 // ---------------------------------------------------------------------------
 // Oracles
@@ -603,38 +604,6 @@ fn as_decoded(f: &MasterFrame) -> MasterFrame {
         ),
         other => other.clone(),
     }
-}
-
-/// Feeds `stream` through a `FrameBuf` in reads of the given sizes, as a
-/// pipe reader would, and returns the frames and how the stream ended.
-fn feed<T>(
-    stream: &[u8],
-    reads: &[usize],
-    capacity: usize,
-    mut take: impl FnMut(&mut FrameBuf) -> Result<Option<T>, FrameError>,
-) -> (Vec<T>, Result<(), FrameError>) {
-    let mut fb = FrameBuf::with_capacity(capacity);
-    let mut got = Vec::new();
-    let mut rest = stream;
-    let mut sizes = reads.iter().cycle();
-    while !rest.is_empty() {
-        let spare = fb.spare();
-        assert!(!spare.is_empty(), "spare() must leave room to read");
-        let n = (*sizes.next().expect("reads is not empty"))
-            .min(rest.len())
-            .min(spare.len());
-        spare[..n].copy_from_slice(&rest[..n]);
-        fb.filled(n);
-        rest = &rest[n..];
-        loop {
-            match take(&mut fb) {
-                Ok(Some(frame)) => got.push(frame),
-                Ok(None) => break,
-                Err(e) => return (got, Err(e)),
-            }
-        }
-    }
-    (got, fb.finish())
 }
 
 fn take_request(fb: &mut FrameBuf) -> Result<Option<RequestFrame>, FrameError> {

@@ -150,16 +150,17 @@ fn decode_whole(dir: Direction, stream: &[u8]) -> (Vec<Frame>, Result<(), FrameE
     }
 }
 
-/// Feeds `stream` through a `FrameBuf` in reads of `reads` sizes (cycled),
-/// taking every whole frame after each read, as a pipe reader does.
-fn decode_fed(
-    dir: Direction,
+/// Feeds `stream` through a `FrameBuf` in reads of the given sizes
+/// (cycled), as a pipe reader would, taking frames with `take` after each
+/// read; returns the frames and how the stream ended.
+pub fn feed<T>(
     stream: &[u8],
     reads: &[usize],
     capacity: usize,
-) -> (Vec<Frame>, Result<(), FrameError>) {
+    mut take: impl FnMut(&mut FrameBuf) -> Result<Option<T>, FrameError>,
+) -> (Vec<T>, Result<(), FrameError>) {
     let mut fb = FrameBuf::with_capacity(capacity);
-    let mut frames = Vec::new();
+    let mut got = Vec::new();
     let mut rest = stream;
     let mut sizes = reads.iter().cycle();
     while !rest.is_empty() {
@@ -172,14 +173,24 @@ fn decode_fed(
         fb.filled(n);
         rest = &rest[n..];
         loop {
-            match dir.take(&mut fb) {
-                Ok(Some(frame)) => frames.push(frame),
+            match take(&mut fb) {
+                Ok(Some(frame)) => got.push(frame),
                 Ok(None) => break,
-                Err(e) => return (frames, Err(e)),
+                Err(e) => return (got, Err(e)),
             }
         }
     }
-    (frames, fb.finish())
+    (got, fb.finish())
+}
+
+/// [`feed`] in direction `dir`.
+fn decode_fed(
+    dir: Direction,
+    stream: &[u8],
+    reads: &[usize],
+    capacity: usize,
+) -> (Vec<Frame>, Result<(), FrameError>) {
+    feed(stream, reads, capacity, |fb| dir.take(fb))
 }
 
 /// Checks one input of the `frames` fuzz target, laid out as
