@@ -8,7 +8,7 @@
 #
 # usage: scripts/bench.sh [--out DIR] [--rounds N] [--seconds S] [--rate R]
 #                         [--sockets K] [--window W] [--loadgen-nice N]
-#                         [--configs pool,inline,journal,python,guarded]
+#                         [--configs pool,pool1,pool2,inline,journal,python,guarded,tokio]
 #                         [--baseline DIR]
 # The same settings can come from the environment: BENCH_ROUNDS (3),
 # BENCH_SECONDS (5), BENCH_RATE (half the pool's peak), BENCH_SOCKETS (4),
