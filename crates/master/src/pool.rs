@@ -229,6 +229,13 @@ pub struct Pending {
 /// Under overload clients hear `busy` at once instead of waiting in a queue.
 pub const BUSY_AFTER: Duration = Duration::from_millis(2);
 
+/// How many requests of one turn go to the same worker before the next
+/// one is chosen. Each worker that gets work is a pipe write, a wake-up
+/// and a `sendmmsg` of its own: a short batch kept together costs one of
+/// each instead of one per worker, and a long batch is still spread in
+/// runs of this size, so every worker gets its share under load.
+pub const KEEP_TOGETHER: usize = 16;
+
 /// Requests waiting for a worker, oldest first, and the round-robin cursor.
 #[derive(Debug, Default)]
 pub struct Dispatcher {
@@ -256,7 +263,8 @@ impl Dispatcher {
         self.queue.is_empty()
     }
 
-    /// Places waiting requests, oldest first, while some worker has room;
+    /// Places waiting requests, oldest first, while some worker has room,
+    /// in runs of up to [`KEEP_TOGETHER`] on the least-loaded worker;
     /// returns how many were placed. The rest found every worker full: each
     /// waits up to [`BUSY_AFTER`] for room (completions free slots within
     /// microseconds under normal load), longer only while the pool is
@@ -272,12 +280,22 @@ impl Dispatcher {
         refused: &mut Vec<Pending>,
     ) -> usize {
         let mut placed = 0;
+        // The worker of the current run and how many it got in it.
+        let mut run: Option<(usize, usize)> = None;
         while !self.queue.is_empty() {
-            let Some(i) = choose(slots, self.rr, max_inflight) else {
-                break;
+            let i = match run {
+                Some((i, n)) if n < KEEP_TOGETHER && slots[i].takes_work(max_inflight) => i,
+                _ => match choose(slots, self.rr, max_inflight) {
+                    Some(i) => i,
+                    None => break,
+                },
             };
             let p = self.queue.pop_front().expect("not empty");
             slots[i].assign(p.req, now);
+            run = Some(match run {
+                Some((j, n)) if j == i => (i, n + 1),
+                _ => (i, 1),
+            });
             self.rr = i + 1;
             placed += 1;
         }
@@ -514,6 +532,35 @@ mod tests {
         assert_eq!(refused.len(), 1);
         assert_eq!(refused[0].req.seq, 2);
         assert!(d.is_empty());
+    }
+
+    #[test]
+    fn a_short_batch_stays_on_one_worker_and_a_long_one_is_spread_in_runs() {
+        let t = Instant::now();
+        let mut slots: Vec<_> = (0..4).map(|s| slot(s, SlotState::Ready, 0)).collect();
+        let mut d = Dispatcher::default();
+        let mut refused = Vec::new();
+        for seq in 0..5 {
+            d.push(req(seq, t), ErrorCode::Busy);
+        }
+        assert_eq!(d.place(&mut slots, 128, t, false, &mut refused), 5);
+        let held: Vec<usize> = slots.iter().map(|s| s.inflight.len()).collect();
+        assert_eq!(held, [5, 0, 0, 0]);
+        // The next turn starts at the least-loaded worker after the last one.
+        for seq in 5..(5 + 3 * KEEP_TOGETHER as u64) {
+            d.push(req(seq, t), ErrorCode::Busy);
+        }
+        d.place(&mut slots, 128, t, false, &mut refused);
+        let held: Vec<usize> = slots.iter().map(|s| s.inflight.len()).collect();
+        assert_eq!(held, [5, KEEP_TOGETHER, KEEP_TOGETHER, KEEP_TOGETHER]);
+        // A full worker ends its run early.
+        for seq in 100..104 {
+            d.push(req(seq, t), ErrorCode::Busy);
+        }
+        d.place(&mut slots, 6, t, false, &mut refused);
+        let held: Vec<usize> = slots.iter().map(|s| s.inflight.len()).collect();
+        assert_eq!(held, [6, KEEP_TOGETHER, KEEP_TOGETHER, KEEP_TOGETHER]);
+        assert_eq!(d.len(), 3);
     }
 
     #[test]
