@@ -248,10 +248,7 @@ impl Journal {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name("journal".to_owned())
-                .spawn(move || {
-                    yield_to_requests();
-                    db.run(&shared)
-                })
+                .spawn(move || db.run(&shared))
                 .with_context(|| format!("cannot start the writer of journal {}", path.display()))?
         };
         Ok(Journal {
@@ -366,30 +363,5 @@ impl Journal {
 impl Drop for Journal {
     fn drop(&mut self) {
         self.stop_writer();
-    }
-}
-
-/// How much lower the writer thread's scheduling priority is than the
-/// request path's (a nice value, added to the master's).
-pub const WRITER_NICE: i32 = 10;
-
-/// Lowers the calling thread's (the writer's) priority by [`WRITER_NICE`]:
-/// when the CPUs are contended, the master's loop and the workers run
-/// first and the writer takes the gaps (it batches whatever has queued
-/// meanwhile, up to [`MAX_QUEUED_ROWS`]); it is never starved outright, as
-/// `SCHED_IDLE` would starve it beside any busy process. On Linux a nice
-/// value applies to the one thread (`setpriority` with its thread id).
-fn yield_to_requests() {
-    // SAFETY: gettid has no arguments and cannot fail.
-    let tid = unsafe { libc::gettid() };
-    // SAFETY: setpriority reads only its three integer arguments.
-    let current = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t) };
-    let target = (current + WRITER_NICE).min(19);
-    // SAFETY: as above; it changes only this thread's nice value.
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, target) } != 0 {
-        log::debug!(
-            "journal writer: cannot lower its priority: {}",
-            std::io::Error::last_os_error()
-        );
     }
 }
