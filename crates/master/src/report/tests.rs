@@ -13,6 +13,7 @@ fn row(ts: i64, pid: Option<u32>, outcome: Outcome, latency_us: u64) -> RequestR
         worker_pid: pid,
         outcome,
         latency_us,
+        hlc: crate::clock::ntp64_from_unix_us(ts).0,
     }
 }
 
@@ -88,9 +89,9 @@ fn a_version_1_journal_is_read_as_it_is() {
     let report = Report::collect(&path, None).unwrap();
     assert_eq!(report.requests, 400);
     assert_eq!(version(&conn), 1, "reading does not migrate");
-    conn.execute_batch("PRAGMA user_version = 3").unwrap();
+    conn.execute_batch("PRAGMA user_version = 4").unwrap();
     let msg = format!("{:#}", Report::collect(&path, None).unwrap_err());
-    assert!(msg.contains("schema version 3"), "{msg}");
+    assert!(msg.contains("schema version 4"), "{msg}");
 }
 
 #[test]
