@@ -231,6 +231,13 @@ impl Arbiter {
         })
     }
 
+    /// The journal's handle for the cluster thread's events, if the
+    /// journal is on (the cluster thread stamps with `cfg.clock`, the same
+    /// clock).
+    pub fn cluster_journal(&self) -> Option<crate::journal::ClusterJournal> {
+        self.ledger.journal.as_ref().map(Journal::cluster_journal)
+    }
+
     /// The address the socket is bound to (useful with port 0).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.responder.socket.local_addr()

@@ -335,5 +335,22 @@ mod tests {
         let cli = parse(&["report", "--journal", "j.db", "--since", "1h", "--json"]).unwrap();
         assert!(matches!(cli.command, Some(Command::Report(r)) if r.json));
         assert!(parse(&["report"]).is_err(), "--journal is required");
+        let cli = parse(&[
+            "report",
+            "--journal",
+            "a.db",
+            "--journal",
+            "b.db",
+            "--rows",
+            "10",
+        ])
+        .unwrap();
+        match cli.command {
+            Some(Command::Report(r)) => {
+                assert_eq!(r.journal.len(), 2);
+                assert_eq!((r.rows, r.timeline), (10, 50));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -291,4 +291,55 @@ mod tests {
         let diff = unix_us_from_ntp64(NTP64(hlc_now)) - now;
         assert!(diff.abs() < 1_000_000, "{diff}");
     }
+
+    /// What the hot path pays: a stamp (one per `recvmmsg` batch), the scan
+    /// for a link (every trusted datagram), and following a link:
+    /// `cargo test -p master --release --lib clock::tests::hot_path_cost -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn hot_path_cost() {
+        use std::hint::black_box;
+        use std::time::Instant;
+        const N: u32 = 2_000_000;
+        let c = Clock::with_physical(physical_now, DEFAULT_MAX_DELTA);
+        let per_op = |start: Instant| start.elapsed().as_nanos() as f64 / f64::from(N);
+        let start = Instant::now();
+        for _ in 0..N {
+            black_box(c.stamp());
+        }
+        eprintln!("stamp: {:.1} ns", per_op(start));
+        let plain = br#"{"op":"square","n":12345,"id":67}"#;
+        let start = Instant::now();
+        for _ in 0..N {
+            black_box(protocol::request::may_carry_hlc(black_box(plain)));
+        }
+        eprintln!(
+            "scan of a {}-byte request without a link: {:.1} ns",
+            plain.len(),
+            per_op(start)
+        );
+        let start = Instant::now();
+        for _ in 0..N {
+            black_box(protocol::request::may_be_stats(black_box(plain)));
+        }
+        eprintln!(
+            "(the stats scan every datagram already pays, for comparison: {:.1} ns)",
+            per_op(start)
+        );
+        let linked = format!(r#"{{"op":"square","n":12345,"id":67,"hlc":"{}"}}"#, c.now());
+        let start = Instant::now();
+        for _ in 0..N {
+            let d = black_box(linked.as_bytes());
+            if protocol::request::may_carry_hlc(d) {
+                if let Some(Ok(text)) = protocol::request::peek_hlc(d) {
+                    black_box(c.observe_text(text).is_ok());
+                }
+            }
+        }
+        eprintln!(
+            "scan, peek and observe of a {}-byte linked request: {:.1} ns",
+            linked.len(),
+            per_op(start)
+        );
+    }
 }

@@ -48,6 +48,9 @@ mod tests;
 mod writer;
 
 pub use cluster::{ClusterEvent, ClusterEventKind, ClusterJournal, MAX_QUEUED_CLUSTER_EVENTS};
+/// Schema version 2, to make old journals in tests.
+#[cfg(test)]
+pub(crate) use writer::SCHEMA_V2;
 use writer::*;
 
 /// The schema version this code writes and reads, kept in `PRAGMA user_version`.

