@@ -19,11 +19,15 @@
 //!   `loadgen` with several servers: retries, failover on a timeout, a
 //!   closed port or `busy`, and no loss when one of two servers is killed.
 //! * [`several`]: several masters on one port (`--reuse-port`).
+//! * [`causal`]: issue 11 item 7: two masters whose clocks disagree by 2 s,
+//!   a request carrying a causal link (`"hlc"`) from one to the other, and
+//!   `master report` merging their journals in causal order.
 //! * [`one_reply`]: exactly one reply per request on every stop path and
 //!   timeout; signals as documented; a loop that never stalls.
 //! * [`privileges`]: issue 9's least privilege: workers as `--user nobody`,
 //!   their resource limits and seccomp filter, the warning of a root master.
 
+mod causal;
 mod failover;
 mod faults;
 mod harness;

@@ -34,7 +34,7 @@ use std::os::fd::AsFd;
 
 use crate::backoff::CrashLoop;
 use crate::guard::Guard;
-use crate::journal::Journal;
+use crate::journal::{Journal, Origin};
 use crate::ledger::{Ledger, Responder};
 use crate::pool::{self, Dispatcher, Pending, WorkerSlot};
 use crate::signals::Signals;
@@ -95,6 +95,10 @@ pub struct Config {
     pub rate_limit_slip: u32,
     /// The user, group, limits and filter of every worker.
     pub confinement: crate::privileges::Confinement,
+    /// The master's hybrid logical clock: stamps journal rows and `stats`
+    /// replies, follows the causal links of requests; shared with the
+    /// cluster thread.
+    pub clock: crate::clock::Clock,
 }
 
 /// Where the master is in its life.
@@ -179,7 +183,13 @@ impl Arbiter {
         let signals = Signals::install().context("cannot set up signal handling")?;
         let socket = crate::udp::bind(cfg.bind, cfg.reuse_port)?;
         let journal = match &cfg.journal {
-            Some(path) => Some(Journal::open(path, cfg.journal_max_rows)?),
+            Some(path) => {
+                let origin = Origin {
+                    clock: cfg.clock.clone(),
+                    server: socket.local_addr().ok(),
+                };
+                Some(Journal::open_for(path, cfg.journal_max_rows, &origin)?)
+            }
             None => None,
         };
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).context("epoll_create")?;
@@ -219,6 +229,13 @@ impl Arbiter {
             rng: u64::from(std::process::id()) ^ 0x9e37_79b9_7f4a_7c15,
             cfg,
         })
+    }
+
+    /// The journal's handle for the cluster thread's events, if the
+    /// journal is on (the cluster thread stamps with `cfg.clock`, the same
+    /// clock).
+    pub fn cluster_journal(&self) -> Option<crate::journal::ClusterJournal> {
+        self.ledger.journal.as_ref().map(Journal::cluster_journal)
     }
 
     /// The address the socket is bound to (useful with port 0).

@@ -151,6 +151,21 @@ pub struct ServeArgs {
     /// other).
     #[arg(long)]
     pub no_seccomp: bool,
+
+    /// How far ahead of this master's clock an HLC stamp from elsewhere (a
+    /// request's "hlc" causal link) may be; one further ahead is refused
+    /// and counted. At least the largest clock difference between servers.
+    #[arg(long, default_value_t = crate::clock::DEFAULT_MAX_DELTA.as_millis() as u64,
+          value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(1..=crate::clock::MAX_MAX_DELTA_MS))]
+    pub hlc_max_delta_ms: u64,
+
+    /// Testing only: shifts this master's wall clock (its HLC's physical
+    /// time and the journal's times) by MS milliseconds, to simulate a
+    /// server whose clock is wrong.
+    #[arg(long, hide = true, default_value_t = 0, value_name = "MS", allow_negative_numbers = true,
+          value_parser = clap::value_parser!(i64).range(-crate::clock::MAX_SKEW_MS..=crate::clock::MAX_SKEW_MS))]
+    pub debug_clock_skew_ms: i64,
 }
 
 /// Parses `--worker-memory-limit`: 0, or [`MIN_WORKER_MEMORY_MIB`] to
@@ -262,6 +277,19 @@ mod tests {
             &["127.0.0.1:0", "[::1]:65535"],
             &["127.0.0.1:65536", "x"],
         );
+        edges(
+            "--hlc-max-delta-ms",
+            &["1", "500", "3600000"],
+            &["0", "-1", "3600001", "x"],
+        );
+        edges(
+            "--debug-clock-skew-ms",
+            &["0", "-2000", "2000", "-86400000", "86400000"],
+            &["-86400001", "86400001", "x", ""],
+        );
+        let cli = parse(&["--debug-clock-skew-ms", "-2000"]).unwrap();
+        assert_eq!(cli.serve.debug_clock_skew_ms, -2000);
+        assert_eq!(parse(&[]).unwrap().serve.hlc_max_delta_ms, 500);
     }
 
     #[test]
@@ -307,5 +335,22 @@ mod tests {
         let cli = parse(&["report", "--journal", "j.db", "--since", "1h", "--json"]).unwrap();
         assert!(matches!(cli.command, Some(Command::Report(r)) if r.json));
         assert!(parse(&["report"]).is_err(), "--journal is required");
+        let cli = parse(&[
+            "report",
+            "--journal",
+            "a.db",
+            "--journal",
+            "b.db",
+            "--rows",
+            "10",
+        ])
+        .unwrap();
+        match cli.command {
+            Some(Command::Report(r)) => {
+                assert_eq!(r.journal.len(), 2);
+                assert_eq!((r.rows, r.timeline), (10, 50));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -16,6 +16,14 @@
 //! `PRAGMA integrity_check`. The schema, retention and example queries are
 //! documented in `docs/JOURNAL.md`; [`SCHEMA_VERSION`] is kept in
 //! `PRAGMA user_version`.
+//!
+//! Every row carries an HLC stamp ([`crate::clock`]) besides its wall time:
+//! a request the stamp of the `recvmmsg` batch it came in (one stamp per
+//! batch, not per request), a worker's start and exit, a journal event and
+//! a cluster event their own. The `meta` table names the server (its
+//! address and HLC id), so `master report` can merge several journals in
+//! causal order. Cluster events come from the cluster thread through a
+//! [`ClusterJournal`] (`cluster.rs`).
 
 use std::fmt;
 use std::io::Write as _;
@@ -24,8 +32,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
+use crate::clock::{self, Clock};
 use crate::exit::{exit_status_text, ExitReason};
 use anyhow::{bail, Context as _};
 use protocol::frame::MAX_DONE_ID;
@@ -33,14 +42,19 @@ use protocol::{IdValue, Op, Outcome};
 use rusqlite::types::Null;
 use rusqlite::{params, Connection, OpenFlags, Statement, TransactionBehavior};
 
+mod cluster;
 #[cfg(test)]
 mod tests;
 mod writer;
 
+pub use cluster::{ClusterEvent, ClusterEventKind, ClusterJournal, MAX_QUEUED_CLUSTER_EVENTS};
+/// Schema version 2, to make old journals in tests.
+#[cfg(test)]
+pub(crate) use writer::SCHEMA_V2;
 use writer::*;
 
 /// The schema version this code writes and reads, kept in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// How far the writer may fall behind, in queued rows, before batches are
 /// shed: about 0.2 s of full load, and with the batch the writer holds,
@@ -65,13 +79,11 @@ const MAX_AUX_ROWS: i64 = 100_000;
 /// How often, at most, the writer records a `shed` event and logs shedding.
 const SHED_EVENT_INTERVAL: Duration = Duration::from_secs(10);
 
-/// The current time as unix microseconds (UTC), the journal's time unit.
+/// The current time as unix microseconds (UTC), the journal's time unit:
+/// the system clock plus `--debug-clock-skew-ms` ([`clock::skew_us`]), the
+/// same physical time the HLC reads.
 pub fn now_unix_us() -> i64 {
-    match SystemTime::now().duration_since(UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
-        // A clock set before 1970: keep the sign rather than panic.
-        Err(e) => -i64::try_from(e.duration().as_micros()).unwrap_or(i64::MAX),
-    }
+    clock::unix_us(SystemTime::now()).saturating_add(clock::skew_us())
 }
 
 /// A request's raw JSON id (`7`, `"abc"`), kept inline so a
@@ -148,6 +160,9 @@ pub struct RequestRow {
     pub outcome: Outcome,
     /// From the master's receipt of the datagram to the request's completion.
     pub latency_us: u64,
+    /// The HLC stamp (NTP64 time) of the datagram's receipt: shared by the
+    /// datagrams of one `recvmmsg` batch. 0: none (stored as NULL).
+    pub hlc: u64,
 }
 
 /// A worker lifecycle change, queued alongside request rows. Never shed:
@@ -157,10 +172,12 @@ enum WorkerEvent {
     Started {
         pid: u32,
         at_us: i64,
+        hlc: u64,
     },
     Exited {
         pid: u32,
         at_us: i64,
+        hlc: u64,
         exit_code: Option<i32>,
         signal: Option<i32>,
         requests_served: u64,
@@ -173,6 +190,7 @@ enum WorkerEvent {
 struct Queue {
     rows: Vec<RequestRow>,
     workers: Vec<WorkerEvent>,
+    cluster: Vec<ClusterEvent>,
     /// Set by [`Journal::close`]: write what is left, then stop.
     closing: bool,
     /// The writer is asleep with nothing queued and must be woken; while it is
@@ -185,6 +203,7 @@ struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
     shed: AtomicU64,
+    cluster_shed: AtomicU64,
     written: AtomicU64,
 }
 
@@ -195,11 +214,23 @@ impl Shared {
     }
 }
 
+/// Who writes a journal: its clock stamps the rows, and the `meta` table
+/// names the server, so that a report merging several journals can tell
+/// them apart.
+#[derive(Clone, Debug)]
+pub struct Origin {
+    /// The master's clock.
+    pub clock: Clock,
+    /// The address the master serves on, if it serves.
+    pub server: Option<SocketAddr>,
+}
+
 /// The master's handle on the journal: owns the writer thread.
 pub struct Journal {
     shared: Arc<Shared>,
     writer: Option<JoinHandle<()>>,
     path: PathBuf,
+    clock: Clock,
 }
 
 impl fmt::Debug for Journal {
@@ -229,9 +260,26 @@ impl Journal {
     /// SQLite, is corrupt, holds some other database, or has a newer schema
     /// version.
     pub fn open(path: &Path, max_rows: u64) -> anyhow::Result<Journal> {
+        let clock = Clock::with_physical(clock::physical_now, clock::DEFAULT_MAX_DELTA);
+        Journal::open_for(
+            path,
+            max_rows,
+            &Origin {
+                clock,
+                server: None,
+            },
+        )
+    }
+
+    /// [`Journal::open`] for a master: `origin`'s clock stamps the rows, and
+    /// the journal's `meta` names its server and HLC id.
+    ///
+    /// # Errors
+    /// As [`Journal::open`].
+    pub fn open_for(path: &Path, max_rows: u64, origin: &Origin) -> anyhow::Result<Journal> {
         let file = PrivateFile::open(path)?;
         // Only the SQLite message: its chain repeats it as "Error code 14: ...".
-        let db = WriterDb::open(path, max_rows)
+        let db = WriterDb::open(path, max_rows, origin)
             .map_err(|e| anyhow::anyhow!("cannot open journal {}: {e}", path.display()))?;
         file.check_still_at(path)?;
         file.tighten(path);
@@ -242,6 +290,7 @@ impl Journal {
             }),
             wake: Condvar::new(),
             shed: AtomicU64::new(0),
+            cluster_shed: AtomicU64::new(0),
             written: AtomicU64::new(0),
         });
         let writer = {
@@ -255,7 +304,21 @@ impl Journal {
             shared,
             writer: Some(writer),
             path: path.to_owned(),
+            clock: origin.clock.clone(),
         })
+    }
+
+    /// A handle the cluster thread records its events through.
+    pub fn cluster_journal(&self) -> ClusterJournal {
+        ClusterJournal {
+            shared: Arc::clone(&self.shared),
+            clock: self.clock.clone(),
+        }
+    }
+
+    /// Cluster events dropped so far (see [`ClusterJournal::shed`]).
+    pub fn shed_cluster_events(&self) -> u64 {
+        self.shared.cluster_shed.load(Ordering::Relaxed)
     }
 
     /// The journal's file.
@@ -289,15 +352,16 @@ impl Journal {
         }
     }
 
-    /// Records that worker `pid` started.
+    /// Records that worker `pid` started, stamped now.
     pub fn worker_started(&self, pid: u32, started_unix_us: i64) {
         self.push_worker(WorkerEvent::Started {
             pid,
             at_us: started_unix_us,
+            hlc: self.clock.stamp(),
         });
     }
 
-    /// Records that worker `pid` ended, how and why. The exit status text
+    /// Records that worker `pid` ended, how and why, stamped now. The exit status text
     /// (`exit 0`, `signal 9 (SIGKILL)`) is derived from `exit_code`/`signal`.
     pub fn worker_exited(
         &self,
@@ -311,6 +375,7 @@ impl Journal {
         self.push_worker(WorkerEvent::Exited {
             pid,
             at_us: exited_unix_us,
+            hlc: self.clock.stamp(),
             exit_code,
             signal,
             requests_served,

@@ -9,7 +9,7 @@ use netio::ReplyBatch;
 use protocol::{ErrorCode, Op, Outcome};
 
 use crate::journal::{Journal, RequestId, RequestRow};
-use crate::pool::InFlight;
+use crate::pool::{InFlight, Receipt};
 
 /// Counters over the master's life, shown by `stats`.
 #[derive(Debug, Default, Clone)]
@@ -36,6 +36,10 @@ pub struct Totals {
     pub withheld: u64,
     /// Datagrams not answered: their source was over `--rate-limit`.
     pub dropped: u64,
+    /// Causal links (`"hlc"` in a trusted request) that moved the clock.
+    pub hlc_links: u64,
+    /// Causal links refused: malformed, or too far ahead of the clock.
+    pub hlc_refused: u64,
 }
 
 impl Totals {
@@ -88,8 +92,7 @@ impl Ledger {
     pub fn record(
         &mut self,
         client: SocketAddr,
-        received: Instant,
-        received_unix_us: i64,
+        received: Receipt,
         op: Op,
         worker_pid: Option<u32>,
         outcome: Outcome,
@@ -105,13 +108,14 @@ impl Ledger {
         }
         if self.journal.is_some() {
             self.rows.push(RequestRow {
-                ts_unix_us: received_unix_us,
+                ts_unix_us: received.unix_us,
                 client,
                 request_id: (!id.is_empty()).then(|| RequestId::new(id)),
                 op,
                 worker_pid,
                 outcome,
-                latency_us: now.saturating_duration_since(received).as_micros() as u64,
+                latency_us: now.saturating_duration_since(received.at).as_micros() as u64,
+                hlc: received.hlc,
             });
         }
     }
@@ -140,7 +144,6 @@ impl Ledger {
         self.record(
             req.client,
             req.received,
-            req.received_unix_us,
             op,
             None,
             outcome,

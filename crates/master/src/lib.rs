@@ -9,6 +9,8 @@
 //! * [`pool`]: a worker slot and the requests it holds, and the pure
 //!   decisions over them (dispatch, the pool plan, deadlines, settling).
 //! * [`backoff`]: crash-loop detection and the respawn back-off.
+//! * [`clock`]: the hybrid logical clock (`uhlc`) that stamps the journal
+//!   and orders several servers' journals causally.
 //! * [`exit`]: how a worker's life ended (exit status and reason).
 //! * [`guard`]: trusted sources, the amplification bound, the rate limit.
 //! * [`ratelimit`]: per-prefix token buckets in a table of fixed size.
@@ -23,6 +25,7 @@
 pub mod arbiter;
 pub mod backoff;
 pub mod cli;
+pub mod clock;
 pub mod exit;
 pub mod guard;
 pub mod journal;
@@ -48,6 +51,16 @@ pub fn serve(args: &cli::ServeArgs) -> anyhow::Result<()> {
     let worker_path = worker_path(args)?;
     let credentials = privileges::resolve(args.user.as_deref(), args.group.as_deref())?;
     let seccomp = !args.no_seccomp && protocol::handoff::SECCOMP_AVAILABLE;
+    let clock = clock::Clock::for_master(
+        args.debug_clock_skew_ms,
+        Duration::from_millis(args.hlc_max_delta_ms),
+    )?;
+    if args.debug_clock_skew_ms != 0 {
+        log::warn!(
+            "--debug-clock-skew-ms {}: this master's clock is deliberately wrong (for testing)",
+            args.debug_clock_skew_ms
+        );
+    }
     if !args.no_seccomp && !seccomp && args.workers > 0 {
         log::warn!(
             "workers run without a seccomp filter: this build's allow-list is for x86_64 \
@@ -78,6 +91,7 @@ pub fn serve(args: &cli::ServeArgs) -> anyhow::Result<()> {
             memory_limit: privileges::memory_limit(args.worker_memory_limit),
             seccomp,
         },
+        clock,
     };
     if cfg.workers == 0 && cfg.fault_injection {
         log::warn!(

@@ -16,6 +16,30 @@ use protocol::ErrorCode;
 
 use crate::exit::{ChildExit, ExitReason};
 
+/// When the master received a datagram: for its deadlines, its latency, and
+/// its journal row's wall time and HLC stamp.
+#[derive(Debug, Clone, Copy)]
+pub struct Receipt {
+    /// The monotonic instant.
+    pub at: Instant,
+    /// The same moment as wall-clock microseconds.
+    pub unix_us: i64,
+    /// The HLC stamp (NTP64 time) of the `recvmmsg` batch it came in.
+    pub hlc: u64,
+}
+
+impl Receipt {
+    /// A receipt at `at` with no wall time or stamp (for tests and
+    /// decisions that only need the instant).
+    pub fn at(at: Instant) -> Receipt {
+        Receipt {
+            at,
+            unix_us: 0,
+            hlc: 0,
+        }
+    }
+}
+
 /// A request handed to a worker and not yet reported done.
 #[derive(Debug)]
 pub struct InFlight {
@@ -24,9 +48,7 @@ pub struct InFlight {
     /// Where the reply goes.
     pub client: SocketAddr,
     /// When the master received it.
-    pub received: Instant,
-    /// The same moment as wall-clock microseconds, for the journal.
-    pub received_unix_us: i64,
+    pub received: Receipt,
     /// When it was handed to its current worker: the request timeout runs
     /// from here, so a request re-dispatched after its worker was killed
     /// gets a whole timeout at the next one.
@@ -466,8 +488,7 @@ mod tests {
         InFlight {
             seq,
             client: "127.0.0.1:9".parse().unwrap(),
-            received: at,
-            received_unix_us: 0,
+            received: Receipt::at(at),
             dispatched: at,
             reply_limit: u32::MAX,
             payload: b"7".to_vec(),

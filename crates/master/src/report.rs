@@ -1,5 +1,6 @@
 //! `master report`: a summary of a journal for an operator (aligned text)
-//! or a script (`--json`).
+//! or a script (`--json`); given several journals (one per server), their
+//! merge in causal order (`merge.rs`).
 //!
 //! [`Report::collect`] reads the journal read-only inside one read
 //! transaction (a consistent snapshot even while a master is writing) with a
@@ -8,7 +9,9 @@
 //! accumulated in that pass. Requests are attributed to a `workers` row by pid
 //! and start time, so a pid the OS reused is reported as two workers.
 
-use std::collections::HashMap;
+mod merge;
+
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -20,12 +23,14 @@ use serde_json::{json, Value};
 
 use crate::journal::{now_unix_us, SCHEMA_VERSION};
 
-/// `master report --journal PATH [--since DURATION] [--json]`.
+/// `master report --journal PATH [--journal PATH ...] [--since DURATION]
+/// [--rows N] [--timeline N] [--json]`.
 #[derive(clap::Args, Debug)]
 pub struct ReportArgs {
-    /// The journal database to read.
-    #[arg(long)]
-    pub journal: PathBuf,
+    /// The journal database to read. Give it once per server to merge the
+    /// servers' journals in causal (HLC) order, with figures per server.
+    #[arg(long, required = true, value_name = "PATH")]
+    pub journal: Vec<PathBuf>,
     /// Only requests received in this last stretch of time: 30s, 10m, 2h, 1d
     /// (or combined, 1h30m).
     #[arg(long)]
@@ -33,6 +38,16 @@ pub struct ReportArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also list the last N requests of the journals, merged in causal
+    /// (HLC) order.
+    #[arg(long, default_value_t = 0, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(0..=merge::MAX_LISTED as i64))]
+    pub rows: u32,
+    /// How many cluster events, the last ones in causal order, the cluster
+    /// timeline shows (when the journals hold any).
+    #[arg(long, default_value_t = 50, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(0..=merge::MAX_LISTED as i64))]
+    pub timeline: u32,
 }
 
 /// Prints the report for `args` to stdout.
@@ -46,15 +61,19 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
         None => None,
     };
     let since_us = since.map(|d| window_start_us(now_unix_us(), d));
-    let mut report = Report::collect(&args.journal, since_us)?;
-    report.since = args.since.clone();
+    let limits = merge::Limits {
+        rows: args.rows as usize,
+        timeline: args.timeline as usize,
+    };
+    let mut merged = merge::Merged::collect(&args.journal, since_us, limits)?;
+    merged.set_since(args.since.as_deref());
     let mut out = io::stdout().lock();
     let written = if args.json {
-        serde_json::to_writer_pretty(&mut out, &report.to_json())
+        serde_json::to_writer_pretty(&mut out, &merged.to_json())
             .map_err(io::Error::from)
             .and_then(|()| writeln!(out))
     } else {
-        report.write_text(&mut out)
+        merged.write_text(&mut out)
     };
     match written.and_then(|()| out.flush()) {
         Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {
@@ -184,6 +203,27 @@ pub struct Report {
     pub workers: Vec<WorkerLine>,
     /// Requests the master answered itself (busy, stats, timeouts...).
     pub master: WorkerLine,
+    /// Requests by the cluster view their server was in when it received
+    /// them (empty unless views were given to [`Report::collect_with`]).
+    pub views: BTreeMap<u64, ViewCount>,
+    /// All the latencies, for merging several reports.
+    latency_histogram: Histogram<u64>,
+    max_latency_us: u64,
+}
+
+/// Requests received in one cluster view.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ViewCount {
+    pub requests: u64,
+    pub ok: u64,
+}
+
+/// Where a server installed a cluster view: the HLC stamp of its `view`
+/// event, and the view's number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ViewMark {
+    pub hlc: u64,
+    pub view: u64,
 }
 
 /// Records `value`, growing the histogram as needed (`saturating_record`
@@ -206,14 +246,21 @@ impl Report {
     /// An error naming the journal when it is missing, unreadable, or not a
     /// udp-pool journal.
     pub fn collect(path: &Path, since_us: Option<i64>) -> anyhow::Result<Report> {
-        // Only the first message of each error: a SQLite error's chain
-        // repeats it as "Error code 26: ...".
-        let context = |e: &dyn std::fmt::Display| {
-            anyhow::anyhow!("cannot read journal {}: {e}", path.display())
-        };
-        std::fs::metadata(path).map_err(|e| context(&e))?;
-        let mut conn = open_read_only(path).map_err(|e| context(&e))?;
-        let tx = conn.transaction().map_err(|e| context(&e))?;
+        let snapshot = Snapshot::open(path)?;
+        Report::collect_with(&snapshot, since_us, &[])
+    }
+
+    /// [`Report::collect`] from a journal already open, counting requests
+    /// by the view (`views`, sorted) their server was in at their receipt.
+    ///
+    /// # Errors
+    /// As [`Report::collect`].
+    pub(crate) fn collect_with(
+        snapshot: &Snapshot,
+        since_us: Option<i64>,
+        views: &[ViewMark],
+    ) -> anyhow::Result<Report> {
+        let path = &snapshot.path;
         let mut report = Report {
             journal: path.to_owned(),
             since: None,
@@ -226,12 +273,17 @@ impl Report {
             shed_rows: 0,
             workers: Vec::new(),
             master: WorkerLine::new(None),
+            views: BTreeMap::new(),
+            latency_histogram: new_histogram(3),
+            max_latency_us: 0,
         };
-        report.read(&tx).map_err(|e| context(&e))?;
+        report
+            .read(&snapshot.conn, snapshot.version, views)
+            .map_err(|e| snapshot.error(&e))?;
         Ok(report)
     }
 
-    fn read(&mut self, conn: &Connection) -> anyhow::Result<()> {
+    fn read(&mut self, conn: &Connection, version: i32, views: &[ViewMark]) -> anyhow::Result<()> {
         let since = self.since_us.unwrap_or(i64::MIN);
         let last_boundary: Option<i64> = conn.query_row(
             "SELECT max(ts_us) FROM journal_events WHERE kind IN ('open', 'close')",
@@ -268,13 +320,17 @@ impl Report {
         let mut outcomes: HashMap<String, u64> = HashMap::new();
         let mut latency = new_histogram(3);
         let mut max_latency = 0u64;
-        let sql = if self.since_us.is_some() {
-            "SELECT ts_us, worker_pid, outcome, latency_us FROM requests WHERE ts_us >= ?1"
+        // The HLC key only when it is needed, to place requests in views.
+        let key = if views.is_empty() {
+            "NULL".to_owned()
         } else {
-            // No WHERE: a plain table scan beats walking the index.
-            "SELECT ts_us, worker_pid, outcome, latency_us FROM requests"
+            merge::hlc_key_sql(version)
         };
-        let mut stmt = conn.prepare(sql)?;
+        let mut sql = format!("SELECT ts_us, worker_pid, outcome, latency_us, {key} FROM requests");
+        if self.since_us.is_some() {
+            sql.push_str(" WHERE ts_us >= ?1");
+        } // No WHERE otherwise: a plain table scan beats walking the index.
+        let mut stmt = conn.prepare(&sql)?;
         let mut rows = if self.since_us.is_some() {
             stmt.query([since])?
         } else {
@@ -297,6 +353,14 @@ impl Report {
             }
             record(&mut latency, lat);
             max_latency = max_latency.max(lat);
+            if !views.is_empty() {
+                let key = r.get::<_, i64>(4)? as u64;
+                if let Some(view) = merge::view_at(views, key) {
+                    let count = self.views.entry(view).or_default();
+                    count.requests += 1;
+                    count.ok += u64::from(outcome == "ok");
+                }
+            }
 
             let line = match pid {
                 None => &mut self.master,
@@ -343,9 +407,9 @@ impl Report {
                 );
             }
         }
-        let mut outcomes: Vec<(String, u64)> = outcomes.into_iter().collect();
-        outcomes.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        self.outcomes = outcomes;
+        self.outcomes = sorted_outcomes(outcomes);
+        self.latency_histogram = latency;
+        self.max_latency_us = max_latency;
 
         let shed: i64 = conn.query_row(
             "SELECT coalesce(sum(count), 0) FROM journal_events \
@@ -433,6 +497,14 @@ impl Report {
     /// # Errors
     /// A failed write to `out`.
     pub fn write_text(&self, out: &mut dyn Write) -> io::Result<()> {
+        self.write_summary(out)?;
+        writeln!(out)?;
+        self.write_workers(out)
+    }
+
+    /// The head of [`Report::write_text`]: the journal, span, totals and
+    /// outcomes.
+    fn write_summary(&self, out: &mut dyn Write) -> io::Result<()> {
         writeln!(out, "journal    {}", self.journal.display())?;
         if let (Some(text), Some(us)) = (&self.since, self.since_us) {
             writeln!(out, "since      {text} ({} UTC)", short_utc(us))?;
@@ -471,8 +543,11 @@ impl Report {
             }
             table.write(out)?;
         }
+        Ok(())
+    }
 
-        writeln!(out)?;
+    /// The worker table of [`Report::write_text`].
+    fn write_workers(&self, out: &mut dyn Write) -> io::Result<()> {
         if self.workers.is_empty() && self.master.requests == 0 {
             return writeln!(out, "no workers in this period");
         }
@@ -524,7 +599,51 @@ fn attribute(workers: &[WorkerLine], rows: &[usize], ts: i64) -> usize {
         .unwrap_or(rows[0])
 }
 
-fn open_read_only(path: &Path) -> anyhow::Result<Connection> {
+/// Outcome counts, most frequent first.
+fn sorted_outcomes(outcomes: HashMap<String, u64>) -> Vec<(String, u64)> {
+    let mut outcomes: Vec<(String, u64)> = outcomes.into_iter().collect();
+    outcomes.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    outcomes
+}
+
+/// A journal open read-only inside one read transaction: everything read
+/// through it is one consistent snapshot, even while a master writes.
+pub(crate) struct Snapshot {
+    conn: Connection,
+    path: PathBuf,
+    /// Its schema version (1 to [`SCHEMA_VERSION`]).
+    version: i32,
+}
+
+impl Snapshot {
+    /// Opens the journal at `path` and starts its read transaction.
+    ///
+    /// # Errors
+    /// An error naming the journal when it is missing, unreadable, or not
+    /// a udp-pool journal.
+    pub(crate) fn open(path: &Path) -> anyhow::Result<Snapshot> {
+        let context = |e: &dyn std::fmt::Display| {
+            anyhow::anyhow!("cannot read journal {}: {e}", path.display())
+        };
+        std::fs::metadata(path).map_err(|e| context(&e))?;
+        let (conn, version) = open_read_only(path).map_err(|e| context(&e))?;
+        // A deferred transaction: the snapshot is taken at the first read.
+        conn.execute_batch("BEGIN").map_err(|e| context(&e))?;
+        Ok(Snapshot {
+            conn,
+            path: path.to_owned(),
+            version,
+        })
+    }
+
+    /// An error reading this journal. Only the first message of `e`: a
+    /// SQLite error's chain repeats it as "Error code 26: ...".
+    fn error(&self, e: &dyn std::fmt::Display) -> anyhow::Error {
+        anyhow::anyhow!("cannot read journal {}: {e}", self.path.display())
+    }
+}
+
+fn open_read_only(path: &Path) -> anyhow::Result<(Connection, i32)> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -533,11 +652,12 @@ fn open_read_only(path: &Path) -> anyhow::Result<Connection> {
     // The first read of the header: a non-SQLite file fails here.
     let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     // Version 1 differs only in how `request_id` is stored, which the
-    // report does not read; reading must not migrate it.
+    // report does not read; version 2 has no HLC stamps (the report uses
+    // wall times instead). Reading must not migrate either.
     if !(1..=SCHEMA_VERSION).contains(&version) {
         bail!("not a udp-pool journal (schema version {version}, expected 1 to {SCHEMA_VERSION})");
     }
-    Ok(conn)
+    Ok((conn, version))
 }
 
 /// A column-aligned table; the last column is never padded.

@@ -1,5 +1,6 @@
 //! Datagrams in, and the answers the master gives itself: `stats`,
-//! `too_large`, inline mode, and the errors of requests it cannot place.
+//! `too_large`, inline mode, and the errors of requests it cannot place;
+//! the causal links (`"hlc"`) trusted datagrams carry.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -8,16 +9,22 @@ use protocol::answer::{self, Effect, Verdict};
 use protocol::{ErrorCode, Op, Outcome, ReplyContext, Request};
 
 use super::{Arbiter, Phase, QUEUE_CAP, RECV_BATCH, RECV_ROUNDS};
+use crate::clock::Clock;
 use crate::guard::Admission;
 use crate::journal;
-use crate::ledger::{Ledger, Responder};
-use crate::pool::InFlight;
+use crate::ledger::{Ledger, Responder, Totals};
+use crate::pool::{InFlight, Receipt};
 
 impl Arbiter {
     /// Reads queued datagrams (a bounded number per turn, and none while
     /// [`QUEUE_CAP`] requests wait for a worker: the kernel's queue holds
     /// the rest). `stats`, oversized datagrams and, with `--workers 0`,
     /// every request are answered here; the others are queued for dispatch.
+    ///
+    /// The datagrams of one `recvmmsg` share one receipt: one wall time and
+    /// one HLC stamp. A trusted datagram carrying a causal link moves the
+    /// clock past it first ([`follow_link`]); it and those after it in the
+    /// batch get a new stamp.
     pub(super) fn read_datagrams(&mut self, now: Instant) {
         if !self.ready.datagrams || !matches!(self.phase, Phase::Running) {
             return;
@@ -36,7 +43,11 @@ impl Arbiter {
             if got == 0 {
                 return;
             }
-            let now_us = journal::now_unix_us();
+            let mut receipt = Receipt {
+                at: now,
+                unix_us: journal::now_unix_us(),
+                hlc: self.cfg.clock.stamp(),
+            };
             self.ledger.totals.received += got as u64;
             for d in self.recv.iter() {
                 let reply_limit = match self.guard.admit(d.from, d.payload.len(), now) {
@@ -57,16 +68,8 @@ impl Arbiter {
                             }
                             _ => Outcome::Dropped,
                         };
-                        self.ledger.record(
-                            d.from,
-                            now,
-                            now_us,
-                            Op::Invalid,
-                            None,
-                            outcome,
-                            b"",
-                            now,
-                        );
+                        self.ledger
+                            .record(d.from, receipt, Op::Invalid, None, outcome, b"", now);
                         continue;
                     }
                 };
@@ -78,13 +81,21 @@ impl Arbiter {
                         reply_limit,
                     );
                     self.ledger
-                        .record(d.from, now, now_us, Op::Invalid, None, outcome, b"", now);
+                        .record(d.from, receipt, Op::Invalid, None, outcome, b"", now);
                     continue;
+                }
+                let trusted = reply_limit == u32::MAX;
+                if trusted
+                    && protocol::request::may_carry_hlc(d.payload)
+                    && follow_link(&self.cfg.clock, &mut self.ledger.totals, d.payload)
+                {
+                    // Received after the stamp it carried, as is all that follows.
+                    receipt.hlc = self.cfg.clock.stamp();
                 }
                 if protocol::request::may_be_stats(d.payload) {
                     if let Some(p) = protocol::parse(d.payload) {
                         if p.request == Ok(Request::Stats) {
-                            let outcome = if reply_limit == u32::MAX {
+                            let outcome = if trusted {
                                 let body = super::stats::stats_json(self, now);
                                 answer_stats(&mut self.responder, &body, d.from, p.id)
                             } else {
@@ -98,16 +109,8 @@ impl Arbiter {
                                 )
                             };
                             let id = p.id.unwrap_or("").as_bytes();
-                            self.ledger.record(
-                                d.from,
-                                now,
-                                now_us,
-                                Op::Stats,
-                                None,
-                                outcome,
-                                id,
-                                now,
-                            );
+                            self.ledger
+                                .record(d.from, receipt, Op::Stats, None, outcome, id, now);
                             continue;
                         }
                     }
@@ -117,7 +120,7 @@ impl Arbiter {
                         &mut self.responder,
                         &mut self.ledger,
                         self.master_pid,
-                        (d.from, now, now_us),
+                        (d.from, receipt),
                         d.payload,
                         reply_limit,
                     );
@@ -126,8 +129,7 @@ impl Arbiter {
                 let req = InFlight {
                     seq: self.next_seq,
                     client: d.from,
-                    received: now,
-                    received_unix_us: now_us,
+                    received: receipt,
                     dispatched: now,
                     reply_limit,
                     payload: self.ledger.keep_payload(d.payload),
@@ -189,6 +191,31 @@ impl Arbiter {
     }
 }
 
+/// Follows the causal link of a trusted datagram that may carry one: a
+/// JSON `"hlc"` field, an HLC stamp its client saw in another server's
+/// `stats` reply. The clock moves past it unless it is malformed or more
+/// than `--hlc-max-delta-ms` ahead (counted as refused, and otherwise
+/// ignored: the request is answered as if it carried none). Returns whether
+/// the clock moved.
+fn follow_link(clock: &Clock, totals: &mut Totals, payload: &[u8]) -> bool {
+    let result = match protocol::request::peek_hlc(payload) {
+        None => return false,
+        Some(Ok(text)) => clock.observe_text(text),
+        Some(Err(_)) => Err(crate::clock::Refusal::Malformed),
+    };
+    match result {
+        Ok(()) => {
+            totals.hlc_links += 1;
+            true
+        }
+        Err(why) => {
+            totals.hlc_refused += 1;
+            log::debug!("causal link refused: {why}");
+            false
+        }
+    }
+}
+
 /// `stats`: answered by the master at once, never queued behind work.
 fn answer_stats(
     responder: &mut Responder,
@@ -210,7 +237,7 @@ fn answer_inline(
     responder: &mut Responder,
     ledger: &mut Ledger,
     pid: u32,
-    (client, now, now_us): (SocketAddr, Instant, i64),
+    (client, receipt): (SocketAddr, Receipt),
     payload: &[u8],
     reply_limit: u32,
 ) {
@@ -228,8 +255,7 @@ fn answer_inline(
     }
     ledger.record(
         client,
-        now,
-        now_us,
+        receipt,
         done.op,
         Some(pid),
         done.outcome,

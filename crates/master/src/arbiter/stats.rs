@@ -28,13 +28,22 @@ pub(super) fn stats_json(a: &Arbiter, now: Instant) -> serde_json::Map<String, s
             })
         })
         .collect();
-    let (shed, written) = a
-        .ledger
-        .journal
-        .as_ref()
-        .map_or((0, 0), |j| (j.shed_rows(), j.written_rows()));
+    let (shed, written, cluster_shed) = a.ledger.journal.as_ref().map_or((0, 0, 0), |j| {
+        (j.shed_rows(), j.written_rows(), j.shed_cluster_events())
+    });
+    let clock = &a.cfg.clock;
     let body = json!({
         "master_pid": a.master_pid,
+        // The causal link a client may carry to another server (`"hlc"`):
+        // later than everything this master has journaled so far.
+        "hlc": clock.now().to_string(),
+        "clock": {
+            "id": clock.id().to_string(),
+            "max_delta_ms": clock.max_delta().as_millis() as u64,
+            "links": t.hlc_links,
+            "refused": t.hlc_refused,
+            "debug_skew_ms": crate::clock::skew_us() / 1000,
+        },
         "uptime_s": (now.duration_since(a.started).as_secs_f64() * 1000.0).round() / 1000.0,
         "pool": {
             "target": a.target,
@@ -57,6 +66,7 @@ pub(super) fn stats_json(a: &Arbiter, now: Instant) -> serde_json::Map<String, s
             "dropped": t.dropped,
             "journal_written": written,
             "journal_shed": shed,
+            "journal_cluster_shed": cluster_shed,
         },
     });
     match body {

@@ -80,7 +80,6 @@ impl Arbiter {
                         self.ledger.record(
                             req.client,
                             req.received,
-                            req.received_unix_us,
                             op,
                             Some(pid),
                             outcome,

@@ -5,7 +5,7 @@ use protocol::ErrorCode;
 use rusqlite::types::Value;
 
 /// A varied row: an id on every other one, the master answering every
-/// fifth, `busy` every seventh.
+/// fifth, `busy` every seventh, no HLC stamp every eleventh.
 fn row(i: u64) -> RequestRow {
     RequestRow {
         ts_unix_us: 1_714_557_600_000_000 + i as i64,
@@ -24,6 +24,10 @@ fn row(i: u64) -> RequestRow {
             _ => Outcome::Ok,
         },
         latency_us: i,
+        hlc: match i % 11 {
+            0 => 0,
+            _ => clock::ntp64_from_unix_us(1_714_557_600_000_000 + 2 * i as i64).0,
+        },
     }
 }
 
@@ -102,8 +106,8 @@ fn submitted_rows_are_written_with_their_values() {
     assert_eq!(count(&conn, "SELECT count(*) FROM requests"), 1000);
     let mut stmt = conn
         .prepare(
-            "SELECT ts_us, ts, client, request_id, op, worker_pid, outcome, latency_us \
-             FROM requests ORDER BY id",
+            "SELECT ts_us, ts, client, request_id, op, worker_pid, outcome, latency_us, \
+             hlc FROM requests ORDER BY id",
         )
         .unwrap();
     let mut rows = stmt.query([]).unwrap();
@@ -124,6 +128,12 @@ fn submitted_rows_are_written_with_their_values() {
         assert_eq!(r.get::<_, Option<u32>>(5).unwrap(), want.worker_pid);
         assert_eq!(r.get::<_, String>(6).unwrap(), want.outcome.as_str());
         assert_eq!(r.get::<_, i64>(7).unwrap(), i as i64);
+        let hlc = r.get::<_, Option<i64>>(8).unwrap();
+        if want.hlc == 0 {
+            assert_eq!(hlc, None);
+        } else {
+            assert_eq!(hlc, Some(want.hlc as i64));
+        }
         i += 1;
     }
     assert_eq!(i, 1000);
@@ -138,6 +148,20 @@ fn submitted_rows_are_written_with_their_values() {
     assert_eq!(reason, "crash");
     assert_eq!(served, 12);
     assert_eq!(started, 1_714_557_600_000_000);
+    // Worker events are stamped when they are recorded, in order.
+    let (started_hlc, exited_hlc): (i64, i64) = conn
+        .query_row(
+            "SELECT started_hlc, exited_hlc FROM workers WHERE pid = 101",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!(0 < started_hlc && started_hlc < exited_hlc);
+    let unstamped = count(
+        &conn,
+        "SELECT count(*) FROM journal_events WHERE hlc IS NULL",
+    );
+    assert_eq!(unstamped, 0);
 }
 
 #[test]
@@ -346,7 +370,7 @@ fn a_version_1_journal_is_migrated_with_its_ids_as_values() {
         // Version 1: the same tables, but `request_id TEXT` holding the
         // id's raw JSON.
         let conn = Connection::open(&path).unwrap();
-        let v1 = SCHEMA
+        let v1 = SCHEMA_V2
             .replace("request_id,", "request_id  TEXT,")
             .replace("user_version = 2", "user_version = 1");
         conn.execute_batch(&v1).unwrap();
@@ -367,7 +391,10 @@ fn a_version_1_journal_is_migrated_with_its_ids_as_values() {
     }
     Journal::open(&path, 1000).unwrap().close();
     let conn = read_conn(&path);
-    assert_eq!(count(&conn, "PRAGMA user_version"), 2);
+    assert_eq!(
+        count(&conn, "PRAGMA user_version"),
+        i64::from(SCHEMA_VERSION)
+    );
     let mut want: Vec<Value> = cases.into_iter().map(|(_, v)| v).collect();
     want.push(Value::Null);
     // SQLite's JSON functions read each id as protocol::id_value does.
@@ -382,9 +409,12 @@ fn a_version_1_journal_is_migrated_with_its_ids_as_values() {
     assert_eq!(
         tables,
         [
+            "cluster_events",
             "journal_events",
+            "meta",
             "requests",
             "requests_ts",
+            "sqlite_autoindex_meta_1",
             "workers",
             "workers_pid"
         ]
@@ -397,6 +427,186 @@ fn a_version_1_journal_is_migrated_with_its_ids_as_values() {
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
         .unwrap();
     assert_eq!(check, "ok");
+}
+
+/// The `CREATE` statements of a journal, by name: what makes two schemas
+/// the same.
+fn schema_sql(conn: &Connection) -> Vec<(String, Option<String>)> {
+    conn.prepare("SELECT name, sql FROM sqlite_schema ORDER BY name")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+#[test]
+fn a_version_2_journal_is_migrated_to_the_schema_of_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.db");
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(SCHEMA_V2).unwrap();
+        for i in 0..100i64 {
+            conn.execute(
+                "INSERT INTO requests (ts_us, client, request_id, op, worker_pid, outcome, latency_us) \
+                 VALUES (?1, '127.0.0.1:5', ?1, 'square', 7, 'ok', 1)",
+                [i],
+            )
+            .unwrap();
+        }
+        conn.execute("INSERT INTO workers (pid, started_us) VALUES (7, 0)", [])
+            .unwrap();
+        conn.execute(
+            "INSERT INTO journal_events (ts_us, kind, count, detail) VALUES (0, 'open', 0, 'master pid 1')",
+            [],
+        )
+        .unwrap();
+    }
+    let clock = Clock::with_physical(clock::physical_now, clock::DEFAULT_MAX_DELTA);
+    let origin = Origin {
+        clock: clock.clone(),
+        server: Some("127.0.0.1:10001".parse().unwrap()),
+    };
+    let journal = Journal::open_for(&path, 1000, &origin).unwrap();
+    let mut rows: Vec<RequestRow> = (1..=3).map(row).collect();
+    journal.submit(&mut rows);
+    journal.close();
+
+    let conn = read_conn(&path);
+    assert_eq!(count(&conn, "PRAGMA user_version"), 3);
+    // The old rows are all there, without stamps; the new ones have theirs.
+    assert_eq!(count(&conn, "SELECT count(*) FROM requests"), 103);
+    assert_eq!(
+        count(&conn, "SELECT count(*) FROM requests WHERE hlc IS NULL"),
+        100
+    );
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT sum(request_id) FROM requests WHERE id <= 100"
+        ),
+        4950
+    );
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT count(*) FROM workers WHERE started_hlc IS NULL"
+        ),
+        1
+    );
+    let meta: Vec<(String, String)> = conn
+        .prepare("SELECT key, value FROM meta ORDER BY key")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        meta,
+        [
+            ("hlc_id".to_owned(), clock.id().to_string()),
+            ("master_pid".to_owned(), std::process::id().to_string()),
+            ("server".to_owned(), "127.0.0.1:10001".to_owned()),
+        ]
+    );
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+
+    // A migrated journal and a new one have the same schema.
+    let fresh = dir.path().join("fresh.db");
+    Journal::open(&fresh, 1000).unwrap().close();
+    assert_eq!(schema_sql(&conn), schema_sql(&read_conn(&fresh)));
+}
+
+#[test]
+fn cluster_events_are_written_stamped_and_shed_once_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.db");
+    let journal = Journal::open(&path, 1000).unwrap();
+    let cluster = journal.cluster_journal();
+    let before = journal.clock.stamp();
+    let from_thread = {
+        let cluster = cluster.clone();
+        std::thread::spawn(move || {
+            cluster.record(
+                ClusterEvent::new("n1", ClusterEventKind::View)
+                    .view(2)
+                    .detail("n1,n2"),
+            );
+        })
+    };
+    from_thread.join().unwrap();
+    cluster.record(
+        ClusterEvent::new("n1", ClusterEventKind::Coordinator)
+            .term(3)
+            .subject("n2"),
+    );
+    let given = journal.clock.now();
+    cluster.record(
+        ClusterEvent::new("n1", ClusterEventKind::MemberDown)
+            .subject("n3")
+            .stamped(&given),
+    );
+    journal.close();
+    // After the close, nothing more is written: counted instead.
+    cluster.record(ClusterEvent::new("n1", ClusterEventKind::MemberUp));
+    assert_eq!(cluster.shed(), 1);
+
+    let conn = read_conn(&path);
+    type Row = (
+        i64,
+        String,
+        String,
+        Option<i64>,
+        Option<i64>,
+        Option<String>,
+        Option<String>,
+    );
+    let rows: Vec<Row> = conn
+        .prepare(
+            "SELECT hlc, node, kind, term, view, subject, detail FROM cluster_events ORDER BY id",
+        )
+        .unwrap()
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            ))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(rows.len(), 3);
+    assert!(rows[0].0 as u64 > before && rows[0].0 < rows[1].0);
+    assert_eq!(rows[2].0 as u64, given.get_time().0);
+    let shape: Vec<_> = rows
+        .iter()
+        .map(|r| (&*r.2, r.3, r.4, r.5.as_deref(), r.6.as_deref()))
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            ("view", None, Some(2), None, Some("n1,n2")),
+            ("coordinator", Some(3), None, Some("n2"), None),
+            ("member_down", None, None, Some("n3"), None),
+        ]
+    );
+    assert!(rows.iter().all(|r| r.1 == "n1"));
+    let hlc_at: String = conn
+        .query_row("SELECT hlc_at FROM cluster_events WHERE id = 3", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let want = crate::report::iso_utc(clock::unix_us_from_ntp64(*given.get_time()));
+    assert_eq!(hlc_at, want);
 }
 
 #[test]

@@ -13,6 +13,7 @@ fn row(ts: i64, pid: Option<u32>, outcome: Outcome, latency_us: u64) -> RequestR
         worker_pid: pid,
         outcome,
         latency_us,
+        hlc: crate::clock::ntp64_from_unix_us(ts).0,
     }
 }
 
@@ -88,9 +89,9 @@ fn a_version_1_journal_is_read_as_it_is() {
     let report = Report::collect(&path, None).unwrap();
     assert_eq!(report.requests, 400);
     assert_eq!(version(&conn), 1, "reading does not migrate");
-    conn.execute_batch("PRAGMA user_version = 3").unwrap();
+    conn.execute_batch("PRAGMA user_version = 4").unwrap();
     let msg = format!("{:#}", Report::collect(&path, None).unwrap_err());
-    assert!(msg.contains("schema version 3"), "{msg}");
+    assert!(msg.contains("schema version 4"), "{msg}");
 }
 
 #[test]
@@ -288,5 +289,318 @@ fn million_rows() {
             report.requests,
             start.elapsed().as_secs_f64()
         );
+    }
+}
+
+// ----- several journals, merged in causal order ----------------------------
+
+use crate::clock::{self, Clock};
+use crate::journal::{ClusterEvent, ClusterEventKind, Origin};
+use merge::{Limits, Merged};
+use rusqlite::params;
+
+fn real_clock() -> uhlc::NTP64 {
+    clock::ntp64_from_unix_us(clock::unix_us(std::time::SystemTime::now()))
+}
+
+fn clock_2s_behind() -> uhlc::NTP64 {
+    clock::ntp64_from_unix_us(clock::unix_us(std::time::SystemTime::now()) - 2_000_000)
+}
+
+/// A server: its journal, its clock, and its wall clock (the clock's own
+/// physical time, so a skewed server writes skewed wall times).
+struct Server {
+    journal: Journal,
+    clock: Clock,
+    physical: fn() -> uhlc::NTP64,
+}
+
+impl Server {
+    fn open(path: &Path, physical: fn() -> uhlc::NTP64, addr: &str) -> Server {
+        let clock = Clock::with_physical(physical, Duration::from_secs(5));
+        let origin = Origin {
+            clock: clock.clone(),
+            server: Some(addr.parse().unwrap()),
+        };
+        Server {
+            journal: Journal::open_for(path, 0, &origin).unwrap(),
+            clock,
+            physical,
+        }
+    }
+
+    /// Journals one request with this id, received now.
+    fn request(&self, id: &str) {
+        let mut r = row(
+            clock::unix_us_from_ntp64((self.physical)()),
+            Some(7),
+            Outcome::Ok,
+            10,
+        );
+        r.request_id = Some(RequestId::new(id.as_bytes()));
+        r.hlc = self.clock.stamp();
+        self.journal.submit(&mut vec![r]);
+    }
+}
+
+fn listed(merged: &Merged) -> Vec<(String, String)> {
+    merged.to_json()["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["server"].as_str().unwrap().to_owned(),
+                r["request_id"].to_string(),
+            )
+        })
+        .collect()
+}
+
+const ALL: Limits = Limits {
+    rows: 1000,
+    timeline: 1000,
+};
+
+#[test]
+fn a_causal_link_orders_a_slow_servers_rows_after_what_it_saw() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (dir.path().join("a.db"), dir.path().join("b.db"));
+    let a = Server::open(&pa, real_clock, "127.0.0.1:1001");
+    let b = Server::open(&pb, clock_2s_behind, "127.0.0.1:1002");
+    a.request("1");
+    // What a client carries from a's `stats` reply to b.
+    let link = a.clock.now().to_string();
+    b.clock.observe_text(&link).unwrap();
+    b.request("2");
+    a.request("3");
+    // Without a second link, 3 and 4 would be concurrent, in either order.
+    b.clock.observe(&a.clock.now()).unwrap();
+    b.request("4");
+    a.journal.close();
+    b.journal.close();
+
+    let merged = Merged::collect(&[pa.clone(), pb.clone()], None, ALL).unwrap();
+    let order = listed(&merged);
+    assert_eq!(
+        order,
+        [
+            ("127.0.0.1:1001".to_owned(), "1".to_owned()),
+            ("127.0.0.1:1002".to_owned(), "2".to_owned()),
+            ("127.0.0.1:1001".to_owned(), "3".to_owned()),
+            ("127.0.0.1:1002".to_owned(), "4".to_owned()),
+        ]
+    );
+    // By wall clock, b's requests came 2 s before a's: the wrong order.
+    let rows = &merged.rows;
+    assert!(rows[1].ts_us < rows[0].ts_us - 1_500_000);
+    // Per-server figures, and the servers named by their meta.
+    let json = merged.to_json();
+    assert_eq!(json["requests"], 4);
+    let servers = json["servers"].as_array().unwrap();
+    assert_eq!(servers[0]["server"], "127.0.0.1:1001");
+    assert_eq!(servers[0]["hlc_id"], a.clock.id().to_string());
+    assert_eq!(servers[1]["requests"], 2);
+    assert_eq!(servers[1]["schema_version"], 3);
+    let mut text = Vec::new();
+    merged.write_text(&mut text).unwrap();
+    let text = String::from_utf8(text).unwrap();
+    for needle in [
+        "journals   ",
+        "127.0.0.1:1002",
+        "workers of 127.0.0.1:1001",
+        "the last 4 requests",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing in\n{text}");
+    }
+    // --rows keeps the last N in causal order.
+    let two = Merged::collect(
+        &[pa.clone(), pb],
+        None,
+        Limits {
+            rows: 2,
+            timeline: 0,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        listed(&two).iter().map(|r| &*r.1).collect::<Vec<_>>(),
+        ["3", "4"]
+    );
+    let again = Merged::collect(&[pa.clone(), pa], None, ALL).unwrap_err();
+    assert!(format!("{again:#}").contains("given twice"), "{again:#}");
+}
+
+#[test]
+fn one_journal_reports_as_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sample(dir.path());
+    let merged = Merged::collect(
+        std::slice::from_ref(&path),
+        None,
+        Limits {
+            rows: 0,
+            timeline: 50,
+        },
+    )
+    .unwrap();
+    let report = Report::collect(&path, None).unwrap();
+    assert_eq!(merged.to_json(), report.to_json());
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    merged.write_text(&mut a).unwrap();
+    report.write_text(&mut b).unwrap();
+    assert_eq!(String::from_utf8(a).unwrap(), String::from_utf8(b).unwrap());
+}
+
+#[test]
+fn rows_without_stamps_merge_by_their_wall_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old.db");
+    {
+        // A schema 2 journal (no stamps at all) and a schema 3 one with a
+        // row whose stamp is missing.
+        let conn = Connection::open(&old).unwrap();
+        conn.execute_batch(crate::journal::SCHEMA_V2).unwrap();
+        for (ts, id) in [(1_000_000_000_000_003i64, 3), (1_000_000_000_000_001, 1)] {
+            conn.execute(
+                "INSERT INTO requests (ts_us, client, request_id, op, outcome, latency_us) \
+                 VALUES (?1, '127.0.0.1:5', ?2, 'square', 'ok', 1)",
+                params![ts, id],
+            )
+            .unwrap();
+        }
+    }
+    let new = dir.path().join("new.db");
+    let journal = Journal::open(&new, 0).unwrap();
+    let mut rows = vec![row(1_000_000_000_000_002, None, Outcome::Ok, 1)];
+    rows[0].request_id = Some(RequestId::new(b"2"));
+    rows[0].hlc = 0;
+    journal.submit(&mut rows);
+    let mut rows = vec![row(0, None, Outcome::Ok, 1)];
+    rows[0].request_id = Some(RequestId::new(b"4"));
+    // A stamp of 2038 or later is a negative INTEGER: still the latest.
+    rows[0].hlc = (1 << 63) + 5;
+    journal.submit(&mut rows);
+    journal.close();
+    let merged = Merged::collect(&[old.clone(), new], None, ALL).unwrap();
+    let ids: Vec<String> = listed(&merged).into_iter().map(|r| r.1).collect();
+    assert_eq!(ids, ["1", "2", "3", "4"]);
+    assert!(!merged.rows[0].stamped && merged.rows[3].stamped);
+    // The SQL key of an unstamped row is the Rust conversion of its wall time.
+    let conn = Connection::open(&old).unwrap();
+    for ts in [0i64, 1, 999_999, 1_000_000, 1_714_557_600_123_456] {
+        let key: i64 = conn
+            .query_row(
+                &format!("SELECT {}", merge::hlc_key_sql(2).replace("ts_us", "?1")),
+                [ts],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(key as u64, clock::ntp64_from_unix_us(ts).0, "{ts}");
+    }
+}
+
+#[test]
+fn views_timeline_and_the_one_coordinator_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (dir.path().join("a.db"), dir.path().join("b.db"));
+    let a = Server::open(&pa, real_clock, "127.0.0.1:1001");
+    let b = Server::open(&pb, clock_2s_behind, "127.0.0.1:1002");
+    let (ca, cb) = (a.journal.cluster_journal(), b.journal.cluster_journal());
+    a.request("before any view");
+    ca.record(
+        ClusterEvent::new("a", ClusterEventKind::Coordinator)
+            .term(1)
+            .subject("a"),
+    );
+    ca.record(
+        ClusterEvent::new("a", ClusterEventKind::View)
+            .view(1)
+            .detail("a,b"),
+    );
+    let link = a.clock.now();
+    b.clock.observe(&link).unwrap();
+    cb.record(
+        ClusterEvent::new("b", ClusterEventKind::Coordinator)
+            .term(1)
+            .subject("a"),
+    );
+    cb.record(
+        ClusterEvent::new("b", ClusterEventKind::View)
+            .view(1)
+            .detail("a,b"),
+    );
+    a.request("v1");
+    b.request("v1");
+    b.request("v1");
+    // Term 2: each side believes it leads (a split the check must catch).
+    ca.record(
+        ClusterEvent::new("a", ClusterEventKind::Coordinator)
+            .term(2)
+            .subject("a"),
+    );
+    cb.record(
+        ClusterEvent::new("b", ClusterEventKind::Coordinator)
+            .term(2)
+            .subject("b"),
+    );
+    ca.record(
+        ClusterEvent::new("a", ClusterEventKind::View)
+            .view(2)
+            .detail("a"),
+    );
+    a.request("v2");
+    a.journal.close();
+    b.journal.close();
+
+    let merged = Merged::collect(
+        &[pa, pb],
+        None,
+        Limits {
+            rows: 0,
+            timeline: 3,
+        },
+    )
+    .unwrap();
+    let views: Vec<(u64, usize, u64)> = merged
+        .views
+        .iter()
+        .map(|v| (v.view, v.sources.len(), v.requests))
+        .collect();
+    assert_eq!(views, [(1, 2, 3), (2, 1, 1)]);
+    assert_eq!(merged.coordinators.terms, 2);
+    assert_eq!(
+        merged.coordinators.violations,
+        [(2, vec!["a".to_owned(), "b".to_owned()])]
+    );
+    // The timeline is causal: b's events (its wall clock 2 s behind) come
+    // after a's first view, which b had heard of.
+    let kinds: Vec<(String, String)> = merged
+        .cluster
+        .iter()
+        .map(|c| (c.node.clone(), c.kind.clone()))
+        .collect();
+    assert_eq!(
+        kinds[..4].iter().map(|k| &*k.0).collect::<Vec<_>>(),
+        ["a", "a", "b", "b"]
+    );
+    let json = merged.to_json();
+    assert_eq!(json["cluster"]["events"], 7);
+    assert_eq!(json["cluster"]["timeline"].as_array().unwrap().len(), 3);
+    assert_eq!(json["cluster"]["one_coordinator_per_term"]["ok"], false);
+    assert_eq!(
+        json["views"][0]["servers"],
+        json!(["127.0.0.1:1001", "127.0.0.1:1002"])
+    );
+    assert!(json.get("rows").is_none());
+    let mut text = Vec::new();
+    merged.write_text(&mut text).unwrap();
+    let text = String::from_utf8(text).unwrap();
+    for needle in [
+        "cluster timeline: the last 3 of 7 events",
+        "VIOLATED in 1 of 2 terms: term 2: a, b",
+        "FIRST INSTALLED (HLC)",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing in\n{text}");
     }
 }
