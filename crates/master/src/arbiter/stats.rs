@@ -33,6 +33,20 @@ pub(super) fn stats_json(a: &Arbiter, now: Instant) -> serde_json::Map<String, s
         .journal
         .as_ref()
         .map_or((0, 0), |j| (j.shed_rows(), j.written_rows()));
+    let d = &a.dedup;
+    let limits = d.limits();
+    let dedup = json!({
+        "window_s": limits.window.as_secs_f64(),
+        "max_entries": if d.enabled() { limits.entries } else { 0 },
+        "max_bytes": if d.enabled() { limits.bytes } else { 0 },
+        "entries": d.entries(),
+        "bytes": d.bytes(),
+        "replayed": t.replayed,
+        "dropped_in_progress": t.duplicates,
+        "evicted": d.evicted,
+        "expired": d.expired,
+        "replaced": d.replaced,
+    });
     let body = json!({
         "master_pid": a.master_pid,
         "uptime_s": (now.duration_since(a.started).as_secs_f64() * 1000.0).round() / 1000.0,
@@ -58,6 +72,7 @@ pub(super) fn stats_json(a: &Arbiter, now: Instant) -> serde_json::Map<String, s
             "journal_written": written,
             "journal_shed": shed,
         },
+        "dedup": dedup,
     });
     match body {
         Value::Object(m) => m,
