@@ -19,11 +19,15 @@
 //!   `loadgen` with several servers: retries, failover on a timeout, a
 //!   closed port or `busy`, and no loss when one of two servers is killed.
 //! * [`several`]: several masters on one port (`--reuse-port`).
+//! * [`dedup`]: issue 10 item 3, retries answered once: the duplicate
+//!   request cache (a retry in progress dropped, one after the reply
+//!   replayed byte for byte, its bounds under 100,000 ids).
 //! * [`one_reply`]: exactly one reply per request on every stop path and
 //!   timeout; signals as documented; a loop that never stalls.
 //! * [`privileges`]: issue 9's least privilege: workers as `--user nobody`,
 //!   their resource limits and seccomp filter, the warning of a root master.
 
+mod dedup;
 mod failover;
 mod faults;
 mod harness;
