@@ -537,6 +537,40 @@ mod tests {
         assert_eq!(used + used2 + used3 + used4, wire.len());
     }
 
+    /// Bytes written as docs/PROTOCOL.md shows them: hex pairs, spaces.
+    fn hex(text: &str) -> Vec<u8> {
+        text.split_whitespace()
+            .map(|h| u8::from_str_radix(h, 16).expect("hex"))
+            .collect()
+    }
+
+    #[test]
+    fn the_byte_level_examples_of_protocol_md() {
+        let mut wire = Vec::new();
+        let v4 = "127.0.0.1:5555".parse().unwrap();
+        encode_request(1, u32::MAX, false, v4, b"7", &mut wire);
+        assert_eq!(
+            wire,
+            hex("00 00 00 15 01 00 00 00 00 00 00 00 01 ff ff ff ff 04 7f 00 00 01 15 b3 37")
+        );
+        let mut wire = Vec::new();
+        encode_request(
+            2,
+            u32::MAX,
+            false,
+            "[::1]:5555".parse().unwrap(),
+            br#"{"op":"hello"}"#,
+            &mut wire,
+        );
+        assert_eq!((wire.len(), &wire[..4]), (58, &[0, 0, 0, 0x36][..]));
+        let reply = br#"{"ok":true,"op":"square","result":9,"worker_pid":4242,"id":7}"#;
+        let mut wire = Vec::new();
+        encode_done_with_reply(8, Op::Square, Outcome::Ok, b"7", reply, &mut wire);
+        let mut want = hex("00 00 00 4a 06 00 00 00 00 00 00 00 08 01 00 01 37");
+        want.extend_from_slice(reply);
+        assert_eq!(wire, want);
+    }
+
     #[test]
     fn bad_streams_are_errors() {
         assert_eq!(
