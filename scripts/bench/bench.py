@@ -9,6 +9,10 @@ Configurations (each started fresh for every measurement, on a free
   inline   master --workers 0 --journal none   (no pool: the local limit)
   journal  master --workers 4 --journal <temp file>
   python   scripts/bench/pool_server.py --workers 4   (the lecture's design)
+  guarded  pool with the load's source outside --trusted (rate limiter, reply bound)
+  nodedup  pool with --dedup-window 0: the duplicate request cache off (pool has
+           it on, as by default; loadgen gives every request a distinct id, the
+           cache's worst case: an entry made and filled per request)
 
 With --baseline DIR (the master, worker and loadgen of another build, e.g.
 from scripts/bench/build-baseline.sh), every selected `pool` and `journal`
@@ -60,8 +64,10 @@ CONFIGS = {
     # (the limit is set high enough that the load is never held back). Only
     # the readiness probe, sent from 127.0.0.3, is trusted.
     "guarded": "master --workers 4 --journal none --trusted 127.0.0.3 --rate-limit 10000000",
+    # The duplicate request cache off; `pool` has it on (the default).
+    "nodedup": "master --workers 4 --journal none --dedup-window 0",
 }
-WORKERS = {"pool": 4, "inline": 1, "journal": 4, "python": 4, "guarded": 4}
+WORKERS = {"pool": 4, "inline": 1, "journal": 4, "python": 4, "guarded": 4, "nodedup": 4}
 # Configurations that --baseline runs a second time from the baseline's binaries.
 BASELINE_OF = {"pool@baseline": "pool", "journal@baseline": "journal"}
 
@@ -94,7 +100,10 @@ def server_command(config, bin_dir, port, tmp):
     master = os.path.join(bin_dir, "master")
     workers = "0" if config == "inline" else "4"
     journal = os.path.join(tmp, "journal.db") if config == "journal" else "none"
-    extra = ["--trusted", "127.0.0.3", "--rate-limit", "10000000"] if config == "guarded" else []
+    extra = {
+        "guarded": ["--trusted", "127.0.0.3", "--rate-limit", "10000000"],
+        "nodedup": ["--dedup-window", "0"],
+    }.get(config, [])
     return [master, "--bind", bind, "--workers", workers, "--journal", journal] + extra
 
 
@@ -369,6 +378,10 @@ def targets(summary):
     check("defences (every source untrusted) cost < 5% of peak",
           ratio(s["guarded"].get("peak_rps"), s["pool"].get("peak_rps")),
           lambda v: v >= 0.95, lambda v: "%.2fx the pool's peak" % v)
+    check("duplicate request cache (a distinct id per request) costs < 10% of peak",
+          ratio(s["pool"].get("peak_rps"), s["nodedup"].get("peak_rps")),
+          lambda v: v >= 0.90, lambda v: "%.2fx the peak without it (CPU/request %s)" % (
+              v, fmt(ratio(s["pool"].get("cpu_us_per_req"), s["nodedup"].get("cpu_us_per_req")), ".2f", "x")))
     return "\n".join(lines)
 
 

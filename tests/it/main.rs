@@ -22,12 +22,16 @@
 //! * [`causal`]: issue 11 item 7: two masters whose clocks disagree by 2 s,
 //!   a request carrying a causal link (`"hlc"`) from one to the other, and
 //!   `master report` merging their journals in causal order.
+//! * [`dedup`]: issue 10 item 3, retries answered once: the duplicate
+//!   request cache (a retry in progress dropped, one after the reply
+//!   replayed byte for byte, its bounds under 100,000 ids).
 //! * [`one_reply`]: exactly one reply per request on every stop path and
 //!   timeout; signals as documented; a loop that never stalls.
 //! * [`privileges`]: issue 9's least privilege: workers as `--user nobody`,
 //!   their resource limits and seccomp filter, the warning of a root master.
 
 mod causal;
+mod dedup;
 mod failover;
 mod faults;
 mod harness;

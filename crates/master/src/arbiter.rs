@@ -33,6 +33,7 @@ use nix::sys::wait::waitpid;
 use std::os::fd::AsFd;
 
 use crate::backoff::CrashLoop;
+use crate::dedup::Dedup;
 use crate::guard::Guard;
 use crate::journal::{Journal, Origin};
 use crate::ledger::{Ledger, Responder};
@@ -93,6 +94,8 @@ pub struct Config {
     pub rate_limit: u32,
     /// Every N-th datagram over the limit gets `rate_limited` (0: none).
     pub rate_limit_slip: u32,
+    /// The duplicate request cache's bounds (a zero window: off).
+    pub dedup: crate::dedup::Limits,
     /// The user, group, limits and filter of every worker.
     pub confinement: crate::privileges::Confinement,
     /// The master's hybrid logical clock: stamps journal rows and `stats`
@@ -143,6 +146,8 @@ pub struct Arbiter {
     responder: Responder,
     ledger: Ledger,
     guard: Guard,
+    /// Replies kept for retries: each request answered at most once.
+    dedup: Dedup,
     slots: Vec<WorkerSlot>,
     /// Requests read (or taken back from a stopped worker) and not placed.
     dispatcher: Dispatcher,
@@ -213,6 +218,7 @@ impl Arbiter {
                 cfg.rate_limit,
                 cfg.rate_limit_slip,
             ),
+            dedup: Dedup::new(cfg.dedup),
             slots: Vec::new(),
             dispatcher: Dispatcher::default(),
             refused: Vec::new(),

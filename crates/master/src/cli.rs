@@ -17,6 +17,12 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
 pub const MAX_COUNT: u64 = 1_000_000_000_000;
 /// The largest `--max-requests-jitter`.
 pub const MAX_JITTER: u64 = 1_000_000_000;
+/// The longest `--dedup-window`: an hour (nfsd keeps replies 2 minutes).
+pub const MAX_DEDUP_WINDOW: Duration = Duration::from_secs(3600);
+/// The most `--dedup-entries`.
+pub const MAX_DEDUP_ENTRIES: u32 = 4_194_304;
+/// The fewest and most `--dedup-bytes`: room for one largest reply, and 1 GiB.
+pub const DEDUP_BYTES: std::ops::RangeInclusive<u64> = 65_536..=(1 << 30);
 
 /// udp-pool: a UDP server that answers every datagram through a fixed pool
 /// of worker processes; each reply names the PID of the worker that made it.
@@ -129,6 +135,26 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 2, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub rate_limit_slip: u32,
 
+    /// How long the reply to a JSON request with an `id` is kept (seconds,
+    /// fractions allowed; at most an hour): a retry from the same address
+    /// with the same id and bytes gets it again instead of running twice,
+    /// and one that comes while the request runs is dropped. 0 turns this
+    /// duplicate request cache off.
+    #[arg(long, default_value = "5", value_name = "SECONDS", value_parser = parse_dedup_window)]
+    pub dedup_window: Duration,
+
+    /// Requests the duplicate request cache holds at most, in progress or
+    /// answered; the oldest go first.
+    #[arg(long, default_value_t = 16_384, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=MAX_DEDUP_ENTRIES as i64))]
+    pub dedup_entries: u32,
+
+    /// Bytes of ids and replies the duplicate request cache holds at most
+    /// (64 KiB to 1 GiB); the oldest go first.
+    #[arg(long, default_value_t = 8 << 20, value_name = "BYTES",
+          value_parser = clap::value_parser!(u64).range(DEDUP_BYTES))]
+    pub dedup_bytes: u64,
+
     /// Workers run as this user (a name, or a numeric ID), after the master
     /// has bound the socket; needs a root master. Without it, a root master
     /// warns that its workers run as root.
@@ -196,15 +222,25 @@ fn parse_trusted(s: &str) -> Result<Option<ipnet::IpNet>, String> {
         .map_err(|_| format!("{s:?} is not a CIDR (like 10.0.0.0/8), an address, or none"))
 }
 
+/// Parses `--dedup-window`: seconds, 0 to [`MAX_DEDUP_WINDOW`].
+fn parse_dedup_window(text: &str) -> Result<Duration, String> {
+    parse_seconds(text, MAX_DEDUP_WINDOW, "an hour")
+}
+
 /// Parses `--graceful-timeout`: seconds, 0 to [`MAX_TIMEOUT`].
 fn parse_graceful_timeout(text: &str) -> Result<Duration, String> {
-    let max = MAX_TIMEOUT.as_secs_f64();
+    parse_seconds(text, MAX_TIMEOUT, "a day")
+}
+
+/// Seconds, fractions allowed, from 0 to `max` (`max_name` in words).
+fn parse_seconds(text: &str, max: Duration, max_name: &str) -> Result<Duration, String> {
+    let max = max.as_secs_f64();
     let seconds: f64 = text
         .parse()
         .map_err(|_| "expected a number of seconds, like 30 or 0.5".to_owned())?;
     // Also refuses NaN and infinities, which no range contains.
     if !(0.0..=max).contains(&seconds) {
-        return Err(format!("must be between 0 and {max} seconds (a day)"));
+        return Err(format!("must be between 0 and {max} seconds ({max_name})"));
     }
     Ok(Duration::from_secs_f64(seconds))
 }
@@ -328,6 +364,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("between 0 and 86400 seconds"), "{e}");
+    }
+
+    #[test]
+    fn the_duplicate_request_cache_has_its_bounds() {
+        let cli = parse(&[]).unwrap();
+        assert_eq!(cli.serve.dedup_window, Duration::from_secs(5));
+        assert_eq!(
+            (cli.serve.dedup_entries, cli.serve.dedup_bytes),
+            (16_384, 8 << 20)
+        );
+        edges(
+            "--dedup-window",
+            &["0", "0.25", "5", "3600"],
+            &["-1", "3600.5", "5s", "NaN", ""],
+        );
+        edges("--dedup-entries", &["1", "4194304"], &["0", "4194305", "x"]);
+        edges(
+            "--dedup-bytes",
+            &["65536", "1073741824"],
+            &["65535", "1073741825", "8MiB"],
+        );
+        let e = parse(&["--dedup-window", "7200"]).unwrap_err().to_string();
+        assert!(e.contains("between 0 and 3600 seconds (an hour)"), "{e}");
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //!   and orders several servers' journals causally.
 //! * [`exit`]: how a worker's life ended (exit status and reason).
 //! * [`guard`]: trusted sources, the amplification bound, the rate limit.
+//! * [`dedup`]: the duplicate request cache (each request answered at most
+//!   once: retries get the kept reply).
 //! * [`ratelimit`]: per-prefix token buckets in a table of fixed size.
 //! * [`privileges`]: the user, group and limits workers run with.
 //! * [`spawn`]: fork and exec of one worker with its pipes and confinement.
@@ -26,6 +28,7 @@ pub mod arbiter;
 pub mod backoff;
 pub mod cli;
 pub mod clock;
+pub mod dedup;
 pub mod exit;
 pub mod guard;
 pub mod journal;
@@ -86,6 +89,16 @@ pub fn serve(args: &cli::ServeArgs) -> anyhow::Result<()> {
         amplification_factor: args.amplification_factor,
         rate_limit: args.rate_limit,
         rate_limit_slip: args.rate_limit_slip,
+        dedup: dedup::Limits {
+            window: args.dedup_window,
+            entries: args.dedup_entries as usize,
+            bytes: args.dedup_bytes as usize,
+            // Past every path a request can take: a timeout, a re-dispatch
+            // and a second timeout.
+            stale_after: 2 * Duration::from_millis(args.request_timeout_ms)
+                + args.dedup_window
+                + Duration::from_secs(1),
+        },
         confinement: privileges::Confinement {
             credentials,
             memory_limit: privileges::memory_limit(args.worker_memory_limit),

@@ -176,11 +176,19 @@ pub enum Outcome {
     Withheld,
     /// Not answered: the source was over `--rate-limit`.
     Dropped,
+    /// A retry of a request already answered (same client address, same
+    /// `id`, same bytes, within `--dedup-window`): the master sent the
+    /// first reply again, byte for byte, without running the request.
+    Replayed,
+    /// Not answered: a retry of a request still being answered (same
+    /// client address, `id` and bytes); the first request's reply answers
+    /// it.
+    Duplicate,
 }
 
 impl Outcome {
     /// The outcome as one wire byte: 0 ok, 255 no reply, 254 withheld,
-    /// 253 dropped, else the error code.
+    /// 253 dropped, 252 replayed, 251 duplicate, else the error code.
     pub fn to_u8(self) -> u8 {
         match self {
             Outcome::Ok => 0,
@@ -188,12 +196,14 @@ impl Outcome {
             Outcome::NoReply => 255,
             Outcome::Withheld => 254,
             Outcome::Dropped => 253,
+            Outcome::Replayed => 252,
+            Outcome::Duplicate => 251,
         }
     }
 
     /// Whether a reply went out.
     pub fn sent(self) -> bool {
-        matches!(self, Outcome::Ok | Outcome::Error(_))
+        matches!(self, Outcome::Ok | Outcome::Error(_) | Outcome::Replayed)
     }
 
     /// The outcome with this wire byte, if any.
@@ -203,11 +213,14 @@ impl Outcome {
             255 => Some(Outcome::NoReply),
             254 => Some(Outcome::Withheld),
             253 => Some(Outcome::Dropped),
+            252 => Some(Outcome::Replayed),
+            251 => Some(Outcome::Duplicate),
             _ => ErrorCode::from_u8(b).map(Outcome::Error),
         }
     }
 
-    /// `ok`, `no_reply` or the error code, as the journal stores it.
+    /// `ok`, `no_reply`, `withheld`, `dropped`, `replayed`, `duplicate` or
+    /// the error code, as the journal stores it.
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
@@ -215,6 +228,8 @@ impl Outcome {
             Outcome::NoReply => "no_reply",
             Outcome::Withheld => "withheld",
             Outcome::Dropped => "dropped",
+            Outcome::Replayed => "replayed",
+            Outcome::Duplicate => "duplicate",
         }
     }
 }
@@ -236,6 +251,8 @@ mod tests {
         assert_eq!(Outcome::from_u8(255), Some(Outcome::NoReply));
         assert_eq!(Outcome::from_u8(254), Some(Outcome::Withheld));
         assert_eq!(Outcome::from_u8(253), Some(Outcome::Dropped));
+        assert_eq!(Outcome::from_u8(252), Some(Outcome::Replayed));
+        assert_eq!(Outcome::from_u8(251), Some(Outcome::Duplicate));
         assert_eq!(Outcome::from_u8(200), None);
     }
 }
