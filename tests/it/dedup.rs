@@ -110,6 +110,23 @@ fn served(st: &Value) -> u64 {
         .map_or(0, |w| w.iter().filter_map(|w| w["served"].as_u64()).sum())
 }
 
+/// `stats` once no worker holds a request: a worker sends its reply
+/// before the master reads its completion, so right after a reply the
+/// master may not have counted that execution yet.
+fn settled_stats(s: &Server) -> Value {
+    let mut st = s.stats();
+    let started = Instant::now();
+    while st["workers"]
+        .as_array()
+        .is_some_and(|w| w.iter().any(|w| w["in_flight"].as_u64() != Some(0)))
+        && started.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+        st = s.stats();
+    }
+    st
+}
+
 /// Requests held by workers right now.
 fn in_flight(s: &Server) -> u64 {
     s.stats()["workers"].as_array().map_or(0, |w| {
@@ -155,7 +172,7 @@ fn the_same_id_three_times_runs_once_and_every_reply_is_the_same_bytes() {
         n(&d, "replayed") == 1 && n(&d, "dropped_in_progress") == 1 && n(&d, "entries") >= 1,
         || format!("stats dedup after 3 sends: {d}"),
     );
-    let st = s.stats();
+    let st = settled_stats(s);
     eprintln!("dedup: 3 sends of one id: one reply each for the 1st and 3rd, identical; stats {d}");
     s.check(served(&st) == 1, || format!("one execution, stats {st}"));
     j.stop();
@@ -282,7 +299,7 @@ fn a_hundred_thousand_ids_keep_the_cache_within_its_bounds() {
     );
     // The newest id is still kept: its retry is a replay. The oldest was
     // evicted long ago: its retry runs again (another `ok`).
-    let served_before = served(&s.stats());
+    let served_before = served(&settled_stats(s));
     let replayed_before = n(&d, "replayed");
     let newest = with_id(&requests[total - 1], got.ids[total - 1]);
     let oldest = with_id(&requests[0], got.ids[0]);
@@ -301,7 +318,7 @@ fn a_hundred_thousand_ids_keep_the_cache_within_its_bounds() {
     s.check(r.is_ok() && r.raw("result").as_deref() == Some("0"), || {
         format!("the oldest id's retry: {r:?}")
     });
-    let after = s.stats();
+    let after = settled_stats(s);
     s.check(
         after["dedup"]["replayed"].as_u64() == Some(replayed_before + 1)
             && served(&after) == served_before + 1,
@@ -346,7 +363,7 @@ fn the_same_id_with_other_bytes_is_a_new_request() {
     s.check(other.raw("result").as_deref() == Some("16"), || {
         format!("{other:?}")
     });
-    let st = s.stats();
+    let st = settled_stats(&s);
     s.check(
         st["dedup"]["replayed"] == 1 && st["dedup"]["replaced"] == 2 && served(&st) == 4,
         || format!("4 executions, 1 replay, 2 replaced: {st}"),
@@ -367,7 +384,7 @@ fn with_a_zero_window_a_retry_runs_again() {
         c.request(req, Duration::from_secs(3), 3)
             .unwrap_or_else(|| s.fail("no reply"));
     }
-    let st = s.stats();
+    let st = settled_stats(&s);
     s.check(
         served(&st) == 2 && st["dedup"]["replayed"] == 0 && st["dedup"]["max_entries"] == 0,
         || format!("off: both run: {st}"),
