@@ -19,6 +19,9 @@
 //!   `loadgen` with several servers: retries, failover on a timeout, a
 //!   closed port or `busy`, and no loss when one of two servers is killed.
 //! * [`several`]: several masters on one port (`--reuse-port`).
+//! * [`replace`]: issue 10 item 2: `USR2` replaces the master under load
+//!   with nothing lost, a failed replacement rolls back; systemd's
+//!   `LISTEN_FDS` and `NOTIFY_SOCKET`.
 //! * [`one_reply`]: exactly one reply per request on every stop path and
 //!   timeout; signals as documented; a loop that never stalls.
 //! * [`privileges`]: issue 9's least privilege: workers as `--user nobody`,
@@ -32,5 +35,6 @@ mod journal;
 mod lifecycle;
 mod one_reply;
 mod privileges;
+mod replace;
 mod serve;
 mod several;

@@ -7,7 +7,7 @@ use std::time::Instant;
 use protocol::answer::{self, Effect, Verdict};
 use protocol::{ErrorCode, Op, Outcome, ReplyContext, Request};
 
-use super::{Arbiter, Phase, QUEUE_CAP, RECV_BATCH, RECV_ROUNDS};
+use super::{Arbiter, QUEUE_CAP, RECV_BATCH, RECV_ROUNDS};
 use crate::guard::Admission;
 use crate::journal;
 use crate::ledger::{Ledger, Responder};
@@ -19,7 +19,7 @@ impl Arbiter {
     /// the rest). `stats`, oversized datagrams and, with `--workers 0`,
     /// every request are answered here; the others are queued for dispatch.
     pub(super) fn read_datagrams(&mut self, now: Instant) {
-        if !self.ready.datagrams || !matches!(self.phase, Phase::Running) {
+        if !self.ready.datagrams || !self.reading() {
             return;
         }
         for _ in 0..RECV_ROUNDS {
