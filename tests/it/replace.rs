@@ -498,6 +498,48 @@ fn a_failed_replacement_keeps_the_old_master_serving_and_loses_nothing() {
     check_nothing_lost(&s, &t);
 }
 
+/// A new master whose old one dies before it is ready (killed, say, by
+/// an operator) finds the channel closed and its parent gone: it serves
+/// in the old one's place instead of leaving the socket unread.
+#[test]
+fn a_new_master_whose_old_one_dies_serves_in_its_place() {
+    let _g = harness::shared();
+    let install = Install::new();
+    // Workers that take half a second to start: time to kill the old
+    // master while the new one boots.
+    install.put_script(
+        "slow-worker",
+        &format!("sleep 0.5\nexec {} \"$@\"", bin("worker").display()),
+    );
+    let slow = install.path("slow-worker").display().to_string();
+    let s = Server::start_binary(
+        &install.path("master"),
+        &["--workers", "1", "--worker-path", &slow],
+    );
+    s.signal(Signal::SIGUSR2);
+    s.wait_until("a new master is started", EVENTUALLY, |s| {
+        !started_masters(&s.log()).is_empty()
+    });
+    let new_pid = started_masters(&s.log())[0];
+    s.signal(Signal::SIGKILL);
+    s.wait_until(
+        "the new master serves in the old one's place",
+        EVENTUALLY,
+        |s| s.log().contains(&format!("(pid {new_pid}; workers")),
+    );
+    s.check(
+        s.log().contains(&format!(
+            "master {} is gone without handing over: serving in its place",
+            s.pid()
+        )),
+        || "the new master says why it serves".into(),
+    );
+    let st = s.stats();
+    s.check(st["master_pid"] == new_pid, || {
+        format!("master {new_pid} answers: {st}")
+    });
+}
+
 // ----- systemd --------------------------------------------------------------
 
 /// A wrapper that starts the real master as systemd does with socket
@@ -642,6 +684,67 @@ fn listen_fds_serves_the_socket_systemd_passes() {
     assert!(
         e.starts_with("master: LISTEN_FDS: systemd passed 2 sockets"),
         "{e}"
+    );
+}
+
+/// The real thing: systemd's own `systemd-socket-activate` binds the
+/// socket and, on the first datagram, starts the master with
+/// `LISTEN_FDS`, `LISTEN_PID` and `LISTEN_FDNAMES`; that datagram is
+/// answered.
+#[test]
+fn systemd_socket_activate_starts_a_master_that_answers() {
+    let Some(tool) = [
+        "/usr/bin/systemd-socket-activate",
+        "/bin/systemd-socket-activate",
+    ]
+    .into_iter()
+    .map(Path::new)
+    .find(|p| p.is_file()) else {
+        eprintln!("skipped: systemd-socket-activate is not installed");
+        return;
+    };
+    let _g = harness::shared();
+    let dir = TempDir::new().expect("temp dir");
+    let log_path = dir.path().join("log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let port = harness::unused_udp_port();
+    let addr = format!("127.0.0.1:{port}");
+    let master = bin("master");
+    let mut cmd = Command::new(tool);
+    cmd.args(["--datagram", "-l", &addr])
+        .arg(&master)
+        .args(["--workers", "1", "--journal", "none"])
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().expect("log file"))
+        .stderr(log)
+        .process_group(0);
+    let child = cmd.spawn().expect("start systemd-socket-activate");
+    struct KillGroup(std::process::Child);
+    impl Drop for KillGroup {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::killpg(Pid::from_raw(self.0.id() as i32), Signal::SIGKILL);
+            let _ = self.0.wait();
+        }
+    }
+    let _group = KillGroup(child);
+    let c = harness::Client::new(addr.parse().expect("an address"));
+    let reply = c.request(
+        br#"{"op":"square","n":7,"id":"activated"}"#,
+        Duration::from_secs(3),
+        5,
+    );
+    let text = String::from_utf8_lossy(&std::fs::read(&log_path).unwrap_or_default()).into_owned();
+    let reply = reply.unwrap_or_else(|| panic!("no reply from the activated master\n{text}"));
+    assert_eq!(
+        reply.raw("result").as_deref(),
+        Some("49"),
+        "{reply:?}\n{text}"
+    );
+    assert!(
+        text.contains(&format!("listening on {addr} with 1 workers"))
+            && text.contains("socket from systemd (LISTEN_FDS)"),
+        "the master serves systemd's socket:\n{text}"
     );
 }
 

@@ -233,6 +233,8 @@ fn hear(channel: &OwnedFd, heard: &mut Vec<u8>, expected: &[u8]) -> Heard {
             }
             Err(Errno::EINTR) => continue,
             Err(Errno::EAGAIN) => return Heard::Nothing,
+            // The other end closed with our line unread (it died).
+            Err(Errno::ECONNRESET) => return Heard::Closed,
             Err(e) => return Heard::Broken(e.desc().to_owned()),
         }
     }
@@ -415,6 +417,14 @@ mod tests {
         say(&b, b"go\n").unwrap();
         drop(b);
         assert_eq!(hear(&a, &mut Vec::new(), b"go\n"), Heard::Line);
+    }
+
+    #[test]
+    fn an_end_that_died_with_our_line_unread_has_closed() {
+        let (a, b) = pair();
+        say(&a, b"ready\n").unwrap();
+        drop(b);
+        assert_eq!(hear(&a, &mut Vec::new(), b"go\n"), Heard::Closed);
     }
 
     #[test]

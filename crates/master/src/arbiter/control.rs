@@ -241,9 +241,11 @@ impl Arbiter {
             return self.start_serving();
         };
         let from = predecessor.pid;
-        predecessor
-            .say_ready()
-            .with_context(|| format!("cannot tell master {from} this one is ready"))?;
+        if let Err(e) = predecessor.say_ready() {
+            // It is gone, or gave up on this one: the hand-over step reads
+            // the closed channel and finds out which.
+            log::warn!("cannot tell master {from} this one is ready: {e}");
+        }
         self.epoll
             .add(
                 predecessor.channel(),
@@ -254,8 +256,11 @@ impl Arbiter {
             deadline: Instant::now() + self.cfg.handover_timeout,
         };
         log::info!(
-            "{} workers ready; waiting for master {from} to hand over the socket",
-            self.slots.len()
+            "{}; waiting for master {from} to hand over the socket",
+            match self.slots.len() {
+                0 => "ready (no pool)".to_owned(),
+                n => format!("{n} workers ready"),
+            }
         );
         Ok(())
     }

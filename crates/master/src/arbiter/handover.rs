@@ -50,7 +50,7 @@ impl Arbiter {
         let from = p.pid;
         match p.hear() {
             Heard::Nothing => return Ok(()),
-            Heard::Line => {}
+            Heard::Line => log::info!("master {from} handed over the socket"),
             Heard::Closed => {
                 if nix::unistd::getppid().as_raw() as u32 == from {
                     bail!("master {from} closed the hand-over channel: it keeps serving");
@@ -63,7 +63,6 @@ impl Arbiter {
         if let Some(p) = self.predecessor.take() {
             let _ = self.epoll.delete(p.channel());
         }
-        log::info!("master {from} handed over the socket");
         self.start_serving()
     }
 
