@@ -128,23 +128,35 @@ pub unsafe fn take_listener(bind: SocketAddr, reuse_port: bool) -> anyhow::Resul
     }
 }
 
-/// The socket and channel named by `UDP_POOL_HANDOVER`.
+/// The socket and channel named by `UDP_POOL_HANDOVER`. The channel must
+/// be one end of a socket pair made by the master the variable names
+/// (`SO_PEERCRED`), so a value left in an environment by mistake is
+/// refused; the old master need not be alive any more (it may have died
+/// while this one started: then this one serves in its place).
 fn from_predecessor(value: &std::ffi::OsStr) -> anyhow::Result<Listener> {
     let h: Handover = value
         .to_str()
         .ok_or_else(|| anyhow::anyhow!("malformed {} value {value:?}", handover::ENV))?
         .parse()?;
-    let parent = nix::unistd::getppid().as_raw() as u32;
-    if parent != h.from {
+    let channel = owned(h.channel, handover::ENV)?;
+    let peer = nix::sys::socket::getsockopt(&channel, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|_| {
+        anyhow::anyhow!(
+            "{}: descriptor {} is not a hand-over channel (a Unix socket)",
+            handover::ENV,
+            h.channel
+        )
+    })?;
+    if peer.pid() as u32 != h.from {
         bail!(
-            "{} names master {} as this process's parent, but its parent is {parent}: \
+            "{} names master {}, but its channel was made by pid {}: \
              a value left in the environment? unset it",
             handover::ENV,
-            h.from
+            h.from,
+            peer.pid()
         );
     }
     let socket = crate::udp::inherited(owned(h.socket, handover::ENV)?, handover::ENV)?;
-    let channel = owned(h.channel, handover::ENV)?;
     fcntl(channel.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
         .and_then(|_| fcntl(channel.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK)))
         .with_context(|| format!("{}: channel {}", handover::ENV, h.channel))?;
@@ -388,6 +400,45 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
         (OwnedFd::from(a), OwnedFd::from(b))
+    }
+
+    #[test]
+    fn a_handover_is_taken_only_from_the_master_that_made_the_channel() {
+        use std::os::fd::IntoRawFd;
+        let value = |from: u32| {
+            let udp = UdpSocket::bind("127.0.0.1:0").unwrap().into_raw_fd();
+            let (ours, _theirs) = UnixStream::pair().unwrap();
+            let h = Handover {
+                socket: udp,
+                channel: ours.into_raw_fd(),
+                from,
+            };
+            std::ffi::OsString::from(h.to_string())
+        };
+        // This process made the pair: it is the `from` that holds.
+        assert!(from_predecessor(&value(std::process::id())).is_ok());
+        let e = from_predecessor(&value(4_000_000))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("names master 4000000, but its channel was made by pid"),
+            "{e}"
+        );
+        // A channel that is not a socket.
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap().into_raw_fd();
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        let h = format!("socket={udp},channel={},from=4242", r.into_raw_fd());
+        let e = from_predecessor(std::ffi::OsStr::new(&h))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("is not a hand-over channel"), "{e}");
+        let e = from_predecessor(std::ffi::OsStr::new("socket=3"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("malformed UDP_POOL_HANDOVER"), "{e}");
     }
 
     #[test]

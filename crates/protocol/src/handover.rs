@@ -33,8 +33,9 @@ pub struct Handover {
     pub socket: i32,
     /// The new master's end of the channel.
     pub channel: i32,
-    /// The old master's PID: it must be the new one's parent, so a value
-    /// left in an environment by mistake is refused.
+    /// The old master's PID: it must be the process that made the
+    /// channel (the new master checks with `SO_PEERCRED`), so a value left
+    /// in an environment by mistake is refused.
     pub from: u32,
 }
 

@@ -184,16 +184,23 @@ impl Arbiter {
         }
     }
 
-    /// The new master is ready: stop reading, then tell it `go`. From here
-    /// on it reads the socket and this master only finishes what it read.
+    /// The new master is ready: stop reading, name it to the service
+    /// manager, then tell it `go`. From here on it reads the socket and
+    /// this master only finishes what it read. `MAINPID` goes before `go`
+    /// because the new master says `READY=1` once it has heard `go`, and
+    /// systemd (`NotifyAccess=main`) must know it as the main process by
+    /// then.
     fn commit_handover(&mut self, now: Instant) {
         let Some(s) = self.successor.take() else {
             return;
         };
         let _ = self.epoll.delete(s.channel());
         self.stop_reading();
+        self.notify(&[notify::State::MainPid(s.pid.as_raw() as u32)]);
         if let Err(e) = s.say_go() {
-            // It is gone: read again, as if nothing happened.
+            // It is gone: this master is the main process again, and reads
+            // again, as if nothing happened.
+            self.notify(&[notify::State::MainPid(self.master_pid)]);
             self.successor = Some(s);
             if let Err(add) = self.epoll.add(
                 self.responder.socket.as_fd(),
@@ -204,7 +211,6 @@ impl Arbiter {
             self.roll_back(&format!("could not be told to take over ({e})"));
             return;
         }
-        self.notify(&[notify::State::MainPid(s.pid.as_raw() as u32)]);
         self.handed_over_to = Some(s.pid);
         let held: usize = self.slots.iter().map(|w| w.inflight.len()).sum();
         log::info!(
