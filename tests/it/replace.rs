@@ -888,12 +888,17 @@ fn notify_socket_hears_ready_reloading_mainpid_and_stopping() {
         .iter()
         .position(|(_, t)| t.contains("MAINPID="))
         .expect("MAINPID was heard");
+    let only = |msgs: &[&(u32, String)], pid: u32| msgs.iter().all(|(p, _)| *p == pid);
     s.check(
-        since[mainpid_at + 1..]
-            .iter()
-            .all(|(pid, _)| *pid == new_pid)
+        only(&since[..mainpid_at], old_pid)
+            && only(&since[mainpid_at + 1..], new_pid)
             && since.iter().all(|(_, t)| !t.contains("STOPPING=1")),
-        || format!("after MAINPID only the new master speaks, and nobody stops: {since:?}"),
+        || {
+            format!(
+                "only the main process of the moment speaks (the old master until MAINPID, \
+                 the new one after), and nobody stops: {since:?}"
+            )
+        },
     );
     let new_workers: Vec<u32> = children_of(new_pid).iter().map(|p| p.pid).collect();
     for w in &new_workers {

@@ -5,9 +5,10 @@
 //! The messages: `READY=1` once the workers are up (and again after a
 //! replacement that was rolled back), `RELOADING=1` when `USR2` starts a
 //! new master, `MAINPID=<new>` when the new master takes over (it then
-//! says `READY=1` itself), `STOPPING=1` when a stop begins. A master that
-//! has handed over says nothing more: it is no longer the service's main
-//! process. Workers never see `NOTIFY_SOCKET` (`spawn` removes it).
+//! says `READY=1` itself), `STOPPING=1` when a stop begins. Only the
+//! service's main process speaks: a master that has handed over says
+//! nothing more, and one started by `USR2` says nothing before it takes
+//! over. Workers never see `NOTIFY_SOCKET` (`spawn` removes it).
 
 pub use sd_notify::NotifyState as State;
 

@@ -167,10 +167,11 @@ impl Arbiter {
         }
     }
 
-    /// Tells the service manager `states`, unless this master has handed
-    /// over: it is not the service's main process any more.
+    /// Tells the service manager `states`, unless this master is not the
+    /// service's main process: it has handed over, or (started by `USR2`)
+    /// has not taken over yet.
     pub(super) fn notify(&self, states: &[notify::State]) {
-        if self.handed_over_to.is_none() {
+        if self.handed_over_to.is_none() && self.predecessor.is_none() {
             notify::send(states);
         }
     }

@@ -41,6 +41,14 @@ impl Arbiter {
     /// that is gone without a word (it crashed) leaves the socket to this
     /// one too; one that is alive and closed the channel has given up on it.
     fn await_go(&mut self) -> anyhow::Result<()> {
+        if !matches!(self.phase, Phase::Booting { .. } | Phase::Standby { .. }) {
+            // Stopped before the hand-over (TERM): the old master sees the
+            // channel close and keeps serving.
+            if let Some(p) = self.predecessor.take() {
+                let _ = self.epoll.delete(p.channel());
+            }
+            return Ok(());
+        }
         if !self.ready.handover || !matches!(self.phase, Phase::Standby { .. }) {
             return Ok(());
         }
