@@ -196,8 +196,8 @@ impl Arbiter {
     /// manager, then tell it `go`. From here on it reads the socket and
     /// this master only finishes what it read. `MAINPID` goes before `go`
     /// because the new master says `READY=1` once it has heard `go`, and
-    /// systemd (`NotifyAccess=main`) must know it as the main process by
-    /// then.
+    /// systemd must know it as the main process by then (with
+    /// `NotifyAccess=main` it would drop that `READY=1`).
     fn commit_handover(&mut self, now: Instant) {
         let Some(s) = self.successor.take() else {
             return;
