@@ -183,6 +183,18 @@ impl Server {
         server
     }
 
+    /// [`Server::start_binary`], with `prepare` applied to the command
+    /// first (descriptors to pass, variables to set).
+    pub fn start_binary_with(
+        master: &Path,
+        args: &[&str],
+        prepare: impl FnOnce(&mut Command),
+    ) -> Server {
+        let mut server = Server::launch_binary(master, args, prepare);
+        server.wait_listening();
+        server
+    }
+
     fn launch_with(args: &[&str], prepare: impl FnOnce(&mut Command)) -> Server {
         Server::launch_binary(&bin("master"), args, prepare)
     }
@@ -725,6 +737,9 @@ pub struct Many {
     pub replies: Vec<Option<Reply>>,
     /// The id each request was sent with.
     pub ids: Vec<u64>,
+    /// Requests sent at least once: the first `sent` (all of them, unless
+    /// `load.stop` ended the stream early).
+    pub sent: usize,
     /// Requests that had to be sent again (their first send got no reply
     /// within `resend_after`).
     pub resent: usize,
@@ -952,6 +967,7 @@ impl Client {
             pending.extend(again);
         }
         out.elapsed = started.elapsed();
+        out.sent = next;
         out
     }
 }

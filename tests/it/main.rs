@@ -25,6 +25,9 @@
 //! * [`dedup`]: issue 10 item 3, retries answered once: the duplicate
 //!   request cache (a retry in progress dropped, one after the reply
 //!   replayed byte for byte, its bounds under 100,000 ids).
+//! * [`replace`]: issue 10 item 2: `USR2` replaces the master under load
+//!   with nothing lost, a failed replacement rolls back; systemd's
+//!   `LISTEN_FDS` and `NOTIFY_SOCKET`.
 //! * [`one_reply`]: exactly one reply per request on every stop path and
 //!   timeout; signals as documented; a loop that never stalls.
 //! * [`privileges`]: issue 9's least privilege: workers as `--user nobody`,
@@ -40,5 +43,6 @@ mod journal;
 mod lifecycle;
 mod one_reply;
 mod privileges;
+mod replace;
 mod serve;
 mod several;

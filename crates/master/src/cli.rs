@@ -28,7 +28,13 @@ pub const DEDUP_BYTES: std::ops::RangeInclusive<u64> = 65_536..=(1 << 30);
 /// of worker processes; each reply names the PID of the worker that made it.
 ///
 /// Signals: TERM/INT drain and stop (twice: stop at once), QUIT stops at
-/// once, HUP replaces every worker, TTIN/TTOU add/remove one worker.
+/// once, HUP replaces every worker, TTIN/TTOU add/remove one worker, USR2
+/// replaces the master (the `master` executable found then takes over the
+/// socket; nothing is lost).
+///
+/// Under systemd: a socket passed with LISTEN_FDS is served instead of
+/// --bind, and NOTIFY_SOCKET gets READY=1, RELOADING=1, MAINPID and
+/// STOPPING=1 (see contrib/systemd).
 #[derive(Parser, Debug)]
 #[command(name = "master", version, args_conflicts_with_subcommands = true)]
 pub struct Cli {
@@ -83,6 +89,11 @@ pub struct ServeArgs {
     /// (at most a day; fractions allowed).
     #[arg(long, default_value = "30", value_name = "SECONDS", value_parser = parse_graceful_timeout)]
     pub graceful_timeout: Duration,
+
+    /// On USR2, how long the new master may take to be ready (its workers
+    /// up) before it is killed and this one keeps serving (fractions allowed).
+    #[arg(long, default_value = "10", value_name = "SECONDS", value_parser = parse_handover_timeout)]
+    pub handover_timeout: Duration,
 
     /// A worker retires after this many requests and is replaced (0: never). 1 gives the
     /// lecture's one-process-per-request server.
@@ -245,6 +256,14 @@ fn parse_seconds(text: &str, max: Duration, max_name: &str) -> Result<Duration, 
     Ok(Duration::from_secs_f64(seconds))
 }
 
+/// Parses `--handover-timeout`: seconds, more than 0, at most [`MAX_TIMEOUT`].
+fn parse_handover_timeout(text: &str) -> Result<Duration, String> {
+    match parse_graceful_timeout(text) {
+        Ok(d) if d.is_zero() => Err("must be more than 0 seconds".to_owned()),
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,6 +379,15 @@ mod tests {
         assert_eq!(half.serve.graceful_timeout, Duration::from_millis(500));
         let day = parse(&["--graceful-timeout", "86400"]).unwrap();
         assert_eq!(day.serve.graceful_timeout, MAX_TIMEOUT);
+        edges(
+            "--handover-timeout",
+            &["0.001", "10", "86400"],
+            &["0", "-1", "86400.001", "x", ""],
+        );
+        assert_eq!(
+            parse(&[]).unwrap().serve.handover_timeout,
+            Duration::from_secs(10)
+        );
         let e = parse(&["--graceful-timeout", "1e20"])
             .unwrap_err()
             .to_string();

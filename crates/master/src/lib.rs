@@ -18,7 +18,11 @@
 //! * [`ratelimit`]: per-prefix token buckets in a table of fixed size.
 //! * [`privileges`]: the user, group and limits workers run with.
 //! * [`spawn`]: fork and exec of one worker with its pipes and confinement.
-//! * [`udp`]: the server socket.
+//! * [`udp`]: the server socket: bound, or inherited and checked.
+//! * [`replace`]: where the socket comes from (`--bind`, systemd's
+//!   `LISTEN_FDS`, the master replaced on `USR2`) and the hand-over from
+//!   an old master to a new one.
+//! * [`notify`]: `sd_notify` messages to the service manager.
 //! * [`signals`]: signals through a signalfd.
 //! * [`ledger`]: counters, journal rows, and the master's own replies.
 //! * [`journal`]: the SQLite journal and its writer thread.
@@ -33,9 +37,11 @@ pub mod exit;
 pub mod guard;
 pub mod journal;
 pub mod ledger;
+pub mod notify;
 pub mod pool;
 pub mod privileges;
 pub mod ratelimit;
+pub mod replace;
 pub mod report;
 pub mod signals;
 pub mod spawn;
@@ -51,6 +57,9 @@ use anyhow::{bail, Context};
 /// # Errors
 /// When the server cannot start (socket, journal, workers) or its loop fails.
 pub fn serve(args: &cli::ServeArgs) -> anyhow::Result<()> {
+    // SAFETY: the master has one thread until `Arbiter::new` starts the
+    // journal's writer, so changing the environment here races nothing.
+    let listener = unsafe { replace::take_listener(args.bind, args.reuse_port) }?;
     let worker_path = worker_path(args)?;
     let credentials = privileges::resolve(args.user.as_deref(), args.group.as_deref())?;
     let seccomp = !args.no_seccomp && protocol::handoff::SECCOMP_AVAILABLE;
@@ -74,6 +83,9 @@ pub fn serve(args: &cli::ServeArgs) -> anyhow::Result<()> {
     let cfg = arbiter::Config {
         bind: args.bind,
         reuse_port: args.reuse_port,
+        master_path: replace::own_executable()?,
+        master_args: replace::own_arguments(),
+        handover_timeout: args.handover_timeout,
         workers: usize::from(args.workers),
         worker_path,
         max_datagram: args.max_datagram as usize,
@@ -115,7 +127,7 @@ pub fn serve(args: &cli::ServeArgs) -> anyhow::Result<()> {
         log::warn!("--user has no effect with --workers 0: the master answers as itself");
     }
     let workers = cfg.workers;
-    let arbiter = arbiter::Arbiter::new(cfg)?;
+    let arbiter = arbiter::Arbiter::new(cfg, listener)?;
     // After the socket is bound and the journal open: a master that cannot
     // start says only why.
     privileges::warn_if_root_without_user(args.user.as_deref(), workers);

@@ -1,14 +1,16 @@
 //! The udp-pool wire formats, and nothing else: no sockets, no pipes, no
 //! clocks. Every byte a client, the master or a worker sends is defined here.
 //!
-//! Two formats live in this crate:
+//! Three formats live in this crate:
 //!
 //! * the **client datagram** protocol, in two dialects told apart by the
 //!   first non-blank byte: JSON (`{"op":"square","n":12,"id":7}`) and the
 //!   lecture's plain text (`12`, `Hi server!`);
 //! * the **pipe frames** the master and its workers exchange: length-prefixed
 //!   binary frames carrying a request sequence number, the client address and
-//!   the payload one way, readiness and completions the other way.
+//!   the payload one way, readiness and completions the other way;
+//! * the **hand-over** from a master to the master it starts on `USR2`:
+//!   two lines on a Unix socket pair.
 //!
 //! # Layout
 //! * [`request`]: one place that parses a datagram into a [`request::Parsed`].
@@ -18,6 +20,9 @@
 //!   in the master's inline mode, with a [`answer::Host`] for the effects.
 //! * [`handoff`]: the `UDP_POOL_WORKER` environment variable that tells a
 //!   worker which inherited descriptors are its own.
+//! * [`handover`]: the `UDP_POOL_HANDOVER` environment variable and the
+//!   two lines with which a master hands its socket to the master it
+//!   started on `USR2`.
 //!
 //! The shared vocabulary ([`Op`], [`ErrorCode`], [`Outcome`], [`Dialect`])
 //! is defined below; `docs/PROTOCOL.md` documents all of it for users.
@@ -25,6 +30,7 @@
 pub mod answer;
 pub mod frame;
 pub mod handoff;
+pub mod handover;
 pub mod reply;
 pub mod request;
 

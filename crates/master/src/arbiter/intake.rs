@@ -9,7 +9,7 @@ use std::time::Instant;
 use protocol::answer::{self, Effect, Verdict};
 use protocol::{ErrorCode, Op, Outcome, ReplyContext, Request};
 
-use super::{Arbiter, Phase, QUEUE_CAP, RECV_BATCH, RECV_ROUNDS};
+use super::{Arbiter, QUEUE_CAP, RECV_BATCH, RECV_ROUNDS};
 use crate::clock::Clock;
 use crate::dedup::Check;
 use crate::guard::Admission;
@@ -30,7 +30,7 @@ impl Arbiter {
     /// clock past it first ([`follow_link`]); it and those after it in the
     /// batch get a new stamp.
     pub(super) fn read_datagrams(&mut self, now: Instant) {
-        if !self.ready.datagrams || !matches!(self.phase, Phase::Running) {
+        if !self.ready.datagrams || !self.reading() {
             return;
         }
         for _ in 0..RECV_ROUNDS {

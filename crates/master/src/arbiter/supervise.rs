@@ -125,6 +125,10 @@ impl Arbiter {
                 };
                 if let Some(slot) = self.slots.iter_mut().find(|s| s.pid == exit.pid) {
                     slot.exit = Some(exit);
+                } else if let Some(s) = self.successor.as_mut().filter(|s| s.pid == exit.pid) {
+                    // A master started by USR2 that ended before it was
+                    // ready: the hand-over step rolls back.
+                    s.exit = Some(exit);
                 }
             }
         }
