@@ -299,7 +299,7 @@ fn a_hundred_thousand_ids_keep_the_cache_within_its_bounds() {
     );
     // The newest id is still kept: its retry is a replay. The oldest was
     // evicted long ago: its retry runs again (another `ok`).
-    let served_before = served(&settled_stats(s));
+    let served_before = served(&settled_stats(&s));
     let replayed_before = n(&d, "replayed");
     let newest = with_id(&requests[total - 1], got.ids[total - 1]);
     let oldest = with_id(&requests[0], got.ids[0]);
@@ -318,7 +318,7 @@ fn a_hundred_thousand_ids_keep_the_cache_within_its_bounds() {
     s.check(r.is_ok() && r.raw("result").as_deref() == Some("0"), || {
         format!("the oldest id's retry: {r:?}")
     });
-    let after = settled_stats(s);
+    let after = settled_stats(&s);
     s.check(
         after["dedup"]["replayed"].as_u64() == Some(replayed_before + 1)
             && served(&after) == served_before + 1,
