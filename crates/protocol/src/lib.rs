@@ -18,11 +18,14 @@
 //!   in the master's inline mode, with a [`answer::Host`] for the effects.
 //! * [`handoff`]: the `UDP_POOL_WORKER` environment variable that tells a
 //!   worker which inherited descriptors are its own.
+//! * [`cluster`]: the cluster port's envelope (`master --cluster-addr`),
+//!   and the coordinator's view and the entries that change it.
 //!
 //! The shared vocabulary ([`Op`], [`ErrorCode`], [`Outcome`], [`Dialect`])
 //! is defined below; `docs/PROTOCOL.md` documents all of it for users.
 
 pub mod answer;
+pub mod cluster;
 pub mod frame;
 pub mod handoff;
 pub mod reply;
@@ -63,17 +66,20 @@ pub enum Op {
     Crash = 4,
     /// Pool statistics, answered by the master itself.
     Stats = 5,
+    /// The group of servers (`members`), answered by the master itself.
+    Members = 6,
 }
 
 impl Op {
     /// Every op, in wire order.
-    pub const ALL: [Op; 6] = [
+    pub const ALL: [Op; 7] = [
         Op::Invalid,
         Op::Square,
         Op::Hello,
         Op::Sleep,
         Op::Crash,
         Op::Stats,
+        Op::Members,
     ];
 
     /// The op's name as it appears in JSON requests and the journal.
@@ -85,6 +91,7 @@ impl Op {
             Op::Sleep => "sleep",
             Op::Crash => "crash",
             Op::Stats => "stats",
+            Op::Members => "members",
         }
     }
 
