@@ -33,6 +33,7 @@ use nix::sys::wait::waitpid;
 use std::os::fd::AsFd;
 
 use crate::backoff::CrashLoop;
+use crate::group::Group;
 use crate::guard::Guard;
 use crate::journal::Journal;
 use crate::ledger::{Ledger, Responder};
@@ -95,6 +96,8 @@ pub struct Config {
     pub rate_limit_slip: u32,
     /// The user, group, limits and filter of every worker.
     pub confinement: crate::privileges::Confinement,
+    /// A group of servers to form or join (`--cluster-addr`).
+    pub group: Option<crate::group::GroupOptions>,
 }
 
 /// Where the master is in its life.
@@ -158,6 +161,8 @@ pub struct Arbiter {
     crash_loop: CrashLoop,
     started: Instant,
     rng: u64,
+    /// The group of servers, if any (its thread starts once serving).
+    group: Group,
 }
 
 impl Arbiter {
@@ -178,6 +183,10 @@ impl Arbiter {
         // so that every thread inherits the mask and only the signalfd sees them.
         let signals = Signals::install().context("cannot set up signal handling")?;
         let socket = crate::udp::bind(cfg.bind, cfg.reuse_port)?;
+        let group = match cfg.group.clone() {
+            Some(opts) => Group::bind(opts, socket.local_addr()?)?,
+            None => Group::Off,
+        };
         let journal = match &cfg.journal {
             Some(path) => Some(Journal::open(path, cfg.journal_max_rows)?),
             None => None,
@@ -217,6 +226,7 @@ impl Arbiter {
             crash_loop: CrashLoop::default(),
             started: now,
             rng: u64::from(std::process::id()) ^ 0x9e37_79b9_7f4a_7c15,
+            group,
             cfg,
         })
     }
@@ -247,6 +257,7 @@ impl Arbiter {
             self.responder.send(); // the master's own replies, without blocking
             self.ledger.flush_journal(); // rows to the journal's writer thread
         }
+        self.group.finish();
         log::info!(
             "stopped: {} requests answered, {} errors",
             self.ledger.totals.answered(),
@@ -306,6 +317,11 @@ impl Arbiter {
             .as_micros()
             .div_ceil(1000);
         ms.min(1000) as u16
+    }
+
+    /// The address clients reach this server at (as `members` names it).
+    fn service_addr(&self) -> SocketAddr {
+        self.local_addr().unwrap_or(self.cfg.bind)
     }
 
     /// Whether new work is taken: booting or running.
