@@ -19,11 +19,15 @@
 //!   `loadgen` with several servers: retries, failover on a timeout, a
 //!   closed port or `busy`, and no loss when one of two servers is killed.
 //! * [`several`]: several masters on one port (`--reuse-port`).
+//! * [`cluster`]: issue 11, a group of servers on 127.0.0.1-4: formation,
+//!   discovery, a server or the coordinator SIGKILLed, a server joining
+//!   under load, garbage and keys on the cluster port.
 //! * [`one_reply`]: exactly one reply per request on every stop path and
 //!   timeout; signals as documented; a loop that never stalls.
 //! * [`privileges`]: issue 9's least privilege: workers as `--user nobody`,
 //!   their resource limits and seccomp filter, the warning of a root master.
 
+mod cluster;
 mod failover;
 mod faults;
 mod harness;
