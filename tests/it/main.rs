@@ -22,6 +22,8 @@
 //! * [`cluster`]: issue 11, a group of servers on 127.0.0.1-4: formation,
 //!   discovery, a server or the coordinator SIGKILLed, a server joining
 //!   under load, garbage and keys on the cluster port.
+//! * [`netns`]: issue 11 across network namespaces (root only): the
+//!   coordinator cut off from the majority, and the partition healed.
 //! * [`one_reply`]: exactly one reply per request on every stop path and
 //!   timeout; signals as documented; a loop that never stalls.
 //! * [`privileges`]: issue 9's least privilege: workers as `--user nobody`,
@@ -34,6 +36,7 @@ mod harness;
 mod hostile;
 mod journal;
 mod lifecycle;
+mod netns;
 mod one_reply;
 mod privileges;
 mod serve;
