@@ -199,7 +199,24 @@ impl Server {
         Server::launch_binary(&bin("master"), args, prepare)
     }
 
+    /// [`Server::start`] through a wrapper that execs the master in place
+    /// (`ip netns exec NS`): the PID is still the master's.
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Server {
+        let mut server = Server::launch_program(wrapper, &bin("master"), args, |_| {});
+        server.wait_listening();
+        server
+    }
+
     fn launch_binary(master: &Path, args: &[&str], prepare: impl FnOnce(&mut Command)) -> Server {
+        Server::launch_program(&[], master, args, prepare)
+    }
+
+    fn launch_program(
+        wrapper: &[&str],
+        master: &Path,
+        args: &[&str],
+        prepare: impl FnOnce(&mut Command),
+    ) -> Server {
         let dir = TempDir::new().expect("temp dir");
         let log_path = dir.path().join("master.log");
         let log = File::create(&log_path).expect("log file");
@@ -211,7 +228,14 @@ impl Server {
             full.extend(["--journal", "none"]);
         }
         full.extend(args);
-        let mut cmd = Command::new(master);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(master);
+                c
+            }
+            None => Command::new(master),
+        };
         cmd.args(&full)
             .current_dir(dir.path())
             .env("RUST_LOG", "info")
@@ -222,7 +246,12 @@ impl Server {
             // Its own group: Drop kills the master and every worker at once.
             .process_group(0);
         prepare(&mut cmd);
-        let command = format!("{} {}", master.display(), full.join(" "));
+        let command = format!(
+            "{}{} {}",
+            wrapper.iter().map(|w| format!("{w} ")).collect::<String>(),
+            master.display(),
+            full.join(" ")
+        );
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {command}: {e}"));

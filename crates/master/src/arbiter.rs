@@ -39,6 +39,7 @@ use std::os::fd::AsFd;
 
 use crate::backoff::CrashLoop;
 use crate::dedup::Dedup;
+use crate::group::Group;
 use crate::guard::Guard;
 use crate::journal::{self, Journal};
 use crate::ledger::{Ledger, Responder};
@@ -116,6 +117,8 @@ pub struct Config {
     /// replies, follows the causal links of requests; shared with the
     /// cluster thread.
     pub clock: crate::clock::Clock,
+    /// A group of servers to form or join (`--cluster-addr`).
+    pub group: Option<crate::group::GroupOptions>,
 }
 
 /// Where the master is in its life.
@@ -197,6 +200,8 @@ pub struct Arbiter {
     handed_over_to: Option<Pid>,
     /// In a master started by `USR2`: the old master, until its `go`.
     predecessor: Option<Predecessor>,
+    /// The group of servers, if any (its thread starts once serving).
+    group: Group,
 }
 
 impl Arbiter {
@@ -231,6 +236,14 @@ impl Arbiter {
                 Some(Journal::open_for(path, cfg.journal_max_rows, &origin)?)
             }
             None => None,
+        };
+        let group = match cfg.group.clone() {
+            Some(opts) => Group::bind(
+                opts,
+                socket.local_addr()?,
+                journal.as_ref().map(Journal::cluster_journal),
+            )?,
+            None => Group::Off,
         };
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).context("epoll_create")?;
         epoll.add(
@@ -273,6 +286,7 @@ impl Arbiter {
             successor: None,
             handed_over_to: None,
             predecessor,
+            group,
             cfg,
         })
     }
@@ -311,6 +325,7 @@ impl Arbiter {
             self.responder.send(); // the master's own replies, without blocking
             self.ledger.flush_journal(); // rows to the journal's writer thread
         }
+        self.group.finish();
         log::info!(
             "stopped: {} requests answered, {} errors",
             self.ledger.totals.answered(),
@@ -375,6 +390,11 @@ impl Arbiter {
             .as_micros()
             .div_ceil(1000);
         ms.min(1000) as u16
+    }
+
+    /// The address clients reach this server at (as `members` names it).
+    fn service_addr(&self) -> SocketAddr {
+        self.local_addr().unwrap_or(self.cfg.bind)
     }
 
     /// Whether new work is taken: booting, standing by or running.

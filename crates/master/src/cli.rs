@@ -203,6 +203,55 @@ pub struct ServeArgs {
     #[arg(long, hide = true, default_value_t = 0, value_name = "MS", allow_negative_numbers = true,
           value_parser = clap::value_parser!(i64).range(-crate::clock::MAX_SKEW_MS..=crate::clock::MAX_SKEW_MS))]
     pub debug_clock_skew_ms: i64,
+
+    /// Form a group with other servers over this private UDP port (SWIM
+    /// membership, an elected coordinator, a numbered view; see
+    /// docs/CLUSTER.md). Without it the master runs alone and opens nothing more.
+    #[arg(long, value_name = "ADDR:PORT", help_heading = "Cluster")]
+    pub cluster_addr: Option<SocketAddr>,
+
+    /// Join the group through this member's cluster port (repeat for
+    /// several seeds; any one that answers is enough). Without --join, the
+    /// master founds a new group.
+    #[arg(
+        long = "join",
+        value_name = "ADDR:PORT",
+        requires = "cluster_addr",
+        help_heading = "Cluster"
+    )]
+    pub join: Vec<SocketAddr>,
+
+    /// The cluster's timers: `lan` (SWIM probes every 1 s, elections in
+    /// 1-2 s) or `test` (probes every 300 ms, elections in 0.5-1 s).
+    #[arg(long, value_enum, default_value_t = ClusterTiming::Lan, value_name = "PROFILE",
+          requires = "cluster_addr", help_heading = "Cluster")]
+    pub cluster_timing: ClusterTiming,
+
+    /// A file holding the group's shared key (at least 16 bytes, readable
+    /// by its owner only): every cluster datagram carries its MAC, and
+    /// datagrams without it are dropped unread.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "cluster_addr",
+        help_heading = "Cluster"
+    )]
+    pub cluster_key: Option<PathBuf>,
+
+    /// Voters the coordinator keeps (the others are learners: they get the
+    /// view but do not vote); a learner is promoted when a voter stays dead.
+    #[arg(long, default_value_t = 3, value_name = "N", requires = "cluster_addr",
+          value_parser = clap::value_parser!(u8).range(1..=7), help_heading = "Cluster")]
+    pub voters: u8,
+}
+
+/// `--cluster-timing`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClusterTiming {
+    /// Production timers.
+    Lan,
+    /// Short timers for tests.
+    Test,
 }
 
 /// Parses `--worker-memory-limit`: 0, or [`MIN_WORKER_MEMORY_MIB`] to
@@ -415,6 +464,32 @@ mod tests {
         );
         let e = parse(&["--dedup-window", "7200"]).unwrap_err().to_string();
         assert!(e.contains("between 0 and 3600 seconds (an hour)"), "{e}");
+    }
+
+    #[test]
+    fn cluster_options_need_a_cluster_address() {
+        let cli = parse(&[]).unwrap();
+        assert_eq!(cli.serve.cluster_addr, None);
+        assert!(cli.serve.join.is_empty());
+        assert!(parse(&["--join", "127.0.0.1:7000"]).is_err());
+        assert!(parse(&["--cluster-timing", "test"]).is_err());
+        let cli = parse(&[
+            "--cluster-addr",
+            "127.0.0.2:7000",
+            "--join",
+            "127.0.0.1:7000",
+            "--join",
+            "127.0.0.3:7000",
+            "--cluster-timing",
+            "test",
+        ])
+        .unwrap();
+        assert_eq!(cli.serve.join.len(), 2);
+        assert_eq!(cli.serve.cluster_timing, ClusterTiming::Test);
+        assert_eq!(cli.serve.voters, 3);
+        edges("--cluster-addr", &["127.0.0.1:7000"], &["7000", "x"]);
+        assert!(parse(&["--cluster-addr", "127.0.0.1:1", "--voters", "0"]).is_err());
+        assert!(parse(&["--cluster-addr", "127.0.0.1:1", "--voters", "8"]).is_err());
     }
 
     #[test]

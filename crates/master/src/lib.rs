@@ -27,6 +27,8 @@
 //! * [`ledger`]: counters, journal rows, and the master's own replies.
 //! * [`journal`]: the SQLite journal and its writer thread.
 //! * [`report`]: `master report`.
+//! * [`group`]: a group of servers (`--cluster-addr`): the cluster
+//!   thread's options, its life, and the `members` reply.
 
 pub mod arbiter;
 pub mod backoff;
@@ -34,6 +36,7 @@ pub mod cli;
 pub mod clock;
 pub mod dedup;
 pub mod exit;
+pub mod group;
 pub mod guard;
 pub mod journal;
 pub mod ledger;
@@ -116,6 +119,7 @@ pub fn serve(args: &cli::ServeArgs) -> anyhow::Result<()> {
             memory_limit: privileges::memory_limit(args.worker_memory_limit),
             seccomp,
         },
+        group: group_options(args, clock.hlc())?,
         clock,
     };
     if cfg.workers == 0 && cfg.fault_injection {
@@ -132,6 +136,43 @@ pub fn serve(args: &cli::ServeArgs) -> anyhow::Result<()> {
     // start says only why.
     privileges::warn_if_root_without_user(args.user.as_deref(), workers);
     arbiter.run()
+}
+
+/// The group options (`--cluster-addr` and the rest), with the key read.
+///
+/// # Errors
+/// When the cluster key cannot be used.
+fn group_options(
+    args: &cli::ServeArgs,
+    hlc: &std::sync::Arc<uhlc::HLC>,
+) -> anyhow::Result<Option<group::GroupOptions>> {
+    let Some(cluster_addr) = args.cluster_addr else {
+        return Ok(None);
+    };
+    let key = args
+        .cluster_key
+        .as_deref()
+        .map(group::read_key)
+        .transpose()?;
+    if key.is_none() {
+        log::warn!(
+            "cluster port {cluster_addr} without --cluster-key: anyone who can reach it can \
+             take part in the group; keep it on a private network (docs/CLUSTER.md)"
+        );
+    }
+    Ok(Some(group::GroupOptions {
+        cluster_addr,
+        join: args.join.clone(),
+        profile: match args.cluster_timing {
+            cli::ClusterTiming::Lan => cluster::Profile::Lan,
+            cli::ClusterTiming::Test => cluster::Profile::Test,
+        },
+        key,
+        voters: usize::from(args.voters),
+        // The master's own clock: the journal's stamps and the cluster's
+        // are one causal order.
+        hlc: std::sync::Arc::clone(hlc),
+    }))
 }
 
 /// The worker executable: `--worker-path`, else `worker` next to the

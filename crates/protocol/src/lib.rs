@@ -23,11 +23,14 @@
 //! * [`handover`]: the `UDP_POOL_HANDOVER` environment variable and the
 //!   two lines with which a master hands its socket to the master it
 //!   started on `USR2`.
+//! * [`cluster`]: the cluster port's envelope (`master --cluster-addr`),
+//!   and the coordinator's view and the entries that change it.
 //!
 //! The shared vocabulary ([`Op`], [`ErrorCode`], [`Outcome`], [`Dialect`])
 //! is defined below; `docs/PROTOCOL.md` documents all of it for users.
 
 pub mod answer;
+pub mod cluster;
 pub mod frame;
 pub mod handoff;
 pub mod handover;
@@ -69,17 +72,20 @@ pub enum Op {
     Crash = 4,
     /// Pool statistics, answered by the master itself.
     Stats = 5,
+    /// The group of servers (`members`), answered by the master itself.
+    Members = 6,
 }
 
 impl Op {
     /// Every op, in wire order.
-    pub const ALL: [Op; 6] = [
+    pub const ALL: [Op; 7] = [
         Op::Invalid,
         Op::Square,
         Op::Hello,
         Op::Sleep,
         Op::Crash,
         Op::Stats,
+        Op::Members,
     ];
 
     /// The op's name as it appears in JSON requests and the journal.
@@ -91,6 +97,7 @@ impl Op {
             Op::Sleep => "sleep",
             Op::Crash => "crash",
             Op::Stats => "stats",
+            Op::Members => "members",
         }
     }
 

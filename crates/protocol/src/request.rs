@@ -56,6 +56,9 @@ pub enum Request<'a> {
     Crash,
     /// Pool statistics (answered by the master).
     Stats,
+    /// The group of servers: this one alone, or the cluster's view
+    /// (answered by the master).
+    Members,
 }
 
 impl Request<'_> {
@@ -67,6 +70,7 @@ impl Request<'_> {
             Request::Sleep { .. } => Op::Sleep,
             Request::Crash => Op::Crash,
             Request::Stats => Op::Stats,
+            Request::Members => Op::Members,
         }
     }
 }
@@ -120,12 +124,15 @@ pub fn dialect_of(datagram: &[u8]) -> Dialect {
     }
 }
 
-/// Whether a datagram may be a `stats` request: a cheap byte scan that lets
-/// the master parse only the datagrams it must answer itself. It has no
-/// false negatives: an op spelled with escapes (`"st\u0061ts"`) is only
-/// possible in a datagram with a backslash, which is always a maybe.
+/// Whether a datagram may be a `stats` or `members` request: a cheap byte
+/// scan that lets the master parse only the datagrams it must answer
+/// itself. It has no false negatives: an op spelled with escapes
+/// (`"st\u0061ts"`) is only possible in a datagram with a backslash, which
+/// is always a maybe.
 pub fn may_be_stats(datagram: &[u8]) -> bool {
-    datagram.contains(&b'\\') || datagram.windows(7).any(|w| w == b"\"stats\"")
+    datagram.contains(&b'\\')
+        || datagram.windows(7).any(|w| w == b"\"stats\"")
+        || datagram.windows(9).any(|w| w == b"\"members\"")
 }
 
 /// Whether a datagram may carry a causal link (a JSON `"hlc"` field): the
@@ -478,11 +485,14 @@ fn json_request<'a>(
         "sleep" => Op::Sleep,
         "crash" => Op::Crash,
         "stats" => Op::Stats,
+        "members" => Op::Members,
         other => {
             let shown: String = other.chars().take(40).collect();
             return Err(ProtocolError::new(
                 ErrorCode::UnknownOp,
-                format!("unknown op {shown:?} (known: square, hello, sleep, crash, stats)"),
+                format!(
+                    "unknown op {shown:?} (known: square, hello, sleep, crash, stats, members)"
+                ),
             ));
         }
     };
@@ -534,6 +544,7 @@ fn json_request<'a>(
         }
         Op::Crash => Ok(Request::Crash),
         Op::Stats => Ok(Request::Stats),
+        Op::Members => Ok(Request::Members),
         Op::Invalid => unreachable!("op names map to real ops"),
     }
 }
@@ -746,6 +757,8 @@ mod tests {
         assert!(may_carry_hlc(br#"{"op":"hello","h\u006cc":"1/2"}"#));
         assert!(!may_carry_hlc(br#"{"op":"hello","n":"hl"}"#));
         assert!(!may_be_stats(br#"{"op":"square","n":1}"#));
+        assert!(may_be_stats(br#"{"op":"members","id":1}"#));
+        assert_eq!(req(r#"{"op":"members"}"#), Ok(Request::Members));
         assert_eq!(peek_id(br#"{"op":"x","id":[1]}"#), (Dialect::Json, None));
         assert_eq!(peek_id(br#"{"op":"x","id":9}"#), (Dialect::Json, Some("9")));
     }

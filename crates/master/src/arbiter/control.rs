@@ -132,6 +132,7 @@ impl Arbiter {
             self.cfg.graceful_timeout
         );
         self.stop_reading();
+        self.group.leave();
         self.phase = Phase::Draining {
             deadline: Instant::now() + self.cfg.graceful_timeout,
         };
@@ -147,6 +148,7 @@ impl Arbiter {
     /// the deadline gets `KILL`.
     fn stop_now(&mut self) {
         self.stop_reading();
+        self.group.leave();
         self.phase = Phase::Stopping {
             kill_at: Instant::now() + QUIT_GRACE,
         };
@@ -275,6 +277,7 @@ impl Arbiter {
                 EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_UDP),
             )
             .context("epoll_ctl")?;
+        self.group.start()?;
         let pids: Vec<String> = self.slots.iter().map(|s| s.pid.to_string()).collect();
         let addr = self
             .local_addr()

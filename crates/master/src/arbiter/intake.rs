@@ -1,7 +1,7 @@
 //! Datagrams in, and the answers the master gives itself: `stats`,
-//! `too_large`, replays from the duplicate request cache, inline mode, and
-//! the errors of requests it cannot place; the causal links (`"hlc"`)
-//! trusted datagrams carry.
+//! `members`, `too_large`, replays from the duplicate request cache,
+//! inline mode, and the errors of requests it cannot place; the causal
+//! links (`"hlc"`) trusted datagrams carry.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -115,6 +115,30 @@ impl Arbiter {
                             let id = p.id.unwrap_or("").as_bytes();
                             self.ledger
                                 .record(d.from, receipt, Op::Stats, None, outcome, id, now);
+                            continue;
+                        }
+                        if p.request == Ok(Request::Members) {
+                            // Anyone may ask (clients discover servers
+                            // with it), held to the amplification bound:
+                            // a client pads its request.
+                            let body = crate::group::members_json(&self.group, self.service_addr());
+                            let outcome = answer_members(
+                                &mut self.responder,
+                                &body,
+                                d.from,
+                                (p.dialect, p.id),
+                                reply_limit,
+                            );
+                            let id = p.id.unwrap_or("").as_bytes();
+                            self.ledger.record(
+                                d.from,
+                                receipt,
+                                Op::Members,
+                                None,
+                                outcome,
+                                id,
+                                now,
+                            );
                             continue;
                         }
                     }
@@ -287,6 +311,24 @@ fn answer_stats(
     protocol::reply::write_json_ok(Op::Stats, body, id, responder.batch.next_buf());
     responder.batch.commit(to);
     Outcome::Ok
+}
+
+/// `members`: answered by the master at once, held to the source's bound.
+fn answer_members(
+    responder: &mut Responder,
+    body: &serde_json::Map<String, serde_json::Value>,
+    to: SocketAddr,
+    (dialect, id): (protocol::Dialect, Option<&str>),
+    reply_limit: u32,
+) -> Outcome {
+    responder.ensure_room();
+    let buf = responder.batch.next_buf();
+    protocol::reply::write_json_ok(Op::Members, body, id, buf);
+    let outcome = protocol::bound_reply(Outcome::Ok, dialect, id, reply_limit as usize, buf);
+    if outcome.sent() {
+        responder.batch.commit(to);
+    }
+    outcome
 }
 
 /// `--workers 0`: the master answers with the same function a worker uses
