@@ -2,18 +2,20 @@
 # Benchmark udp-pool side by side with its reference points, in one run:
 #   master --workers 4 --journal none, master --workers 0 (inline),
 #   master --workers 4 with the journal on, and the lecture's Python
-#   Pool.apply_async server (scripts/bench/pool_server.py).
+#   Pool.apply_async server (scripts/bench/pool_server.py); `guarded` (every
+#   source untrusted) and `nodedup` (the duplicate request cache off) give
+#   the cost of those features against `pool`.
 # Alternating configurations, several rounds, medians; prints a markdown
 # table (for docs/PERFORMANCE.md) and the targets it meets or misses.
 #
 # usage: scripts/bench.sh [--out DIR] [--rounds N] [--seconds S] [--rate R]
 #                         [--sockets K] [--window W] [--loadgen-nice N]
-#                         [--configs pool,pool1,pool2,inline,journal,python,guarded,tokio]
+#                         [--configs pool,pool1,pool2,inline,journal,python,guarded,nodedup,tokio]
 #                         [--baseline DIR]
 # The same settings can come from the environment: BENCH_ROUNDS (3),
 # BENCH_SECONDS (5), BENCH_RATE (half the pool's peak), BENCH_SOCKETS (4),
 # BENCH_WINDOW (32), BENCH_LOADGEN_NICE (-10, latency phase only),
-# BENCH_CONFIGS, BENCH_BASELINE. With the defaults it takes about 2 minutes;
+# BENCH_CONFIGS, BENCH_BASELINE. With the defaults it takes about 4 minutes;
 # it refuses settings that would take more than 9.
 # Only 127.0.0.1 is loaded; every server started is stopped on any exit.
 #

@@ -16,7 +16,7 @@ use std::fs;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use protocol::frame::{encode_done, encode_ready, encode_request};
+use protocol::frame::{encode_done, encode_done_with_reply, encode_ready, encode_request};
 use protocol::{ErrorCode, Op, Outcome};
 
 /// Client datagrams, from the text and JSON sections of docs/PROTOCOL.md.
@@ -94,10 +94,10 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
 
     // PROTOCOL.md's byte-level examples, one frame per stream.
     let mut s = Vec::new();
-    encode_request(1, u32::MAX, v4, b"7", &mut s);
+    encode_request(1, u32::MAX, false, v4, b"7", &mut s);
     seeds.push(("request-v4", frames_input(0, &[255], &s)));
     let mut s = Vec::new();
-    encode_request(2, u32::MAX, v6, br#"{"op":"hello"}"#, &mut s);
+    encode_request(2, u32::MAX, false, v6, br#"{"op":"hello"}"#, &mut s);
     seeds.push(("request-v6", frames_input(0, &[255], &s)));
     let mut s = Vec::new();
     encode_ready(4242, &mut s);
@@ -111,21 +111,31 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
 
     // Several frames in one stream, read a few bytes at a time.
     let mut s = Vec::new();
-    encode_request(1, u32::MAX, v4, b"7", &mut s);
+    encode_request(1, u32::MAX, false, v4, b"7", &mut s);
     encode_request(
         u64::MAX,
         24,
+        true,
         v6_scoped,
         br#"{"op":"square","n":12,"id":7}"#,
         &mut s,
     );
-    encode_request(3, u32::MAX, v4, b"", &mut s);
+    encode_request(3, u32::MAX, false, v4, b"", &mut s);
     seeds.push(("requests-split", frames_input(8, &[0, 2, 6, 40], &s)));
     let mut s = Vec::new();
     encode_ready(1, &mut s);
     encode_done(9, Op::Sleep, Outcome::Error(ErrorCode::Busy), b"3", &mut s);
     encode_done(10, Op::Invalid, Outcome::NoReply, b"", &mut s);
     encode_done(11, Op::Hello, Outcome::Ok, &[b'9'; 128], &mut s);
+    encode_done_with_reply(
+        12,
+        Op::Square,
+        Outcome::Ok,
+        b"7",
+        br#"{"ok":true,"op":"square","result":144,"worker_pid":4242,"id":7}"#,
+        &mut s,
+    );
+    encode_done_with_reply(13, Op::Sleep, Outcome::Withheld, b"8", b"", &mut s);
     seeds.push(("master-split", frames_input(0, &[3, 0, 17], &s)));
 
     // Streams that end inside a frame, or break the framing.

@@ -6,7 +6,7 @@
 //! `too_large` error); a text error is one line; a JSON reply is one valid
 //! JSON object with no repeated keys, a documented error code, the worker's
 //! PID, and the request's `id` byte for byte exactly when the request carried
-//! one.
+//! one; `request::scan_id`, the master's cache key, finds the parser's id.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

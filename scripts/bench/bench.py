@@ -11,7 +11,10 @@ Configurations (each started fresh for every measurement, on a free
   inline   master --workers 0 --journal none   (no pool: the local limit)
   journal  master --workers 4 --journal <temp file>   (the default configuration)
   python   scripts/bench/pool_server.py --workers 4   (the lecture's design)
-  guarded  pool with every source untrusted (rate limiter + reply bound)
+  guarded  pool with the load's source outside --trusted (rate limiter, reply bound)
+  nodedup  pool with --dedup-window 0: the duplicate request cache off (pool has
+           it on, as by default; loadgen gives every request a distinct id, the
+           cache's worst case: an entry made and filled per request)
   tokio    scripts/bench/tokio-peer: one tokio socket + 4 blocking threads
            answering with the same protocol crate (what a Rust user might
            write instead; no process isolation)
@@ -74,9 +77,12 @@ CONFIGS = {
     "pool1": "master --workers 1 --journal none",
     "pool2": "master --workers 2 --journal none",
     "tokio": "tokio-peer --threads 4 (tokio UDP socket + spawn_blocking pool of 4)",
+    # The duplicate request cache off; `pool` has it on (the default).
+    "nodedup": "master --workers 4 --journal none --dedup-window 0",
 }
 # Distinct answering pids (thread ids for tokio) that mean "ready".
-WORKERS = {"pool": 4, "inline": 1, "journal": 4, "python": 4, "guarded": 4, "pool1": 1, "pool2": 2, "tokio": 1}
+WORKERS = {"pool": 4, "inline": 1, "journal": 4, "python": 4, "guarded": 4, "pool1": 1, "pool2": 2, "tokio": 1,
+           "nodedup": 4}
 # The configurations that also run the load80 phase.
 LOAD80 = ("journal",)
 # Configurations that --baseline runs a second time from the baseline's binaries.
@@ -114,7 +120,10 @@ def server_command(config, bin_dir, port, tmp):
     master = os.path.join(bin_dir, "master")
     workers = {"inline": "0", "pool1": "1", "pool2": "2"}.get(config, "4")
     journal = os.path.join(tmp, "journal.db") if config == "journal" else "none"
-    extra = ["--trusted", "127.0.0.3", "--rate-limit", "10000000"] if config == "guarded" else []
+    extra = {
+        "guarded": ["--trusted", "127.0.0.3", "--rate-limit", "10000000"],
+        "nodedup": ["--dedup-window", "0"],
+    }.get(config, [])
     return [master, "--bind", bind, "--workers", workers, "--journal", journal] + extra
 
 
@@ -440,6 +449,10 @@ def targets(summary):
     check("defences (every source untrusted) cost < 5% of peak",
           ratio(s["guarded"].get("peak_rps"), s["pool"].get("peak_rps")),
           lambda v: v >= 0.95, lambda v: "%.2fx the pool's peak" % v)
+    check("duplicate request cache (a distinct id per request) costs < 10% of peak",
+          ratio(s["pool"].get("peak_rps"), s["nodedup"].get("peak_rps")),
+          lambda v: v >= 0.90, lambda v: "%.2fx the peak without it (CPU/request %s)" % (
+              v, fmt(ratio(s["pool"].get("cpu_us_per_req"), s["nodedup"].get("cpu_us_per_req")), ".2f", "x")))
     return "\n".join(lines)
 
 

@@ -183,11 +183,40 @@ impl Server {
         server
     }
 
+    /// [`Server::start_binary`], with `prepare` applied to the command
+    /// first (descriptors to pass, variables to set).
+    pub fn start_binary_with(
+        master: &Path,
+        args: &[&str],
+        prepare: impl FnOnce(&mut Command),
+    ) -> Server {
+        let mut server = Server::launch_binary(master, args, prepare);
+        server.wait_listening();
+        server
+    }
+
     fn launch_with(args: &[&str], prepare: impl FnOnce(&mut Command)) -> Server {
         Server::launch_binary(&bin("master"), args, prepare)
     }
 
+    /// [`Server::start`] through a wrapper that execs the master in place
+    /// (`ip netns exec NS`): the PID is still the master's.
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Server {
+        let mut server = Server::launch_program(wrapper, &bin("master"), args, |_| {});
+        server.wait_listening();
+        server
+    }
+
     fn launch_binary(master: &Path, args: &[&str], prepare: impl FnOnce(&mut Command)) -> Server {
+        Server::launch_program(&[], master, args, prepare)
+    }
+
+    fn launch_program(
+        wrapper: &[&str],
+        master: &Path,
+        args: &[&str],
+        prepare: impl FnOnce(&mut Command),
+    ) -> Server {
         let dir = TempDir::new().expect("temp dir");
         let log_path = dir.path().join("master.log");
         let log = File::create(&log_path).expect("log file");
@@ -199,7 +228,14 @@ impl Server {
             full.extend(["--journal", "none"]);
         }
         full.extend(args);
-        let mut cmd = Command::new(master);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(master);
+                c
+            }
+            None => Command::new(master),
+        };
         cmd.args(&full)
             .current_dir(dir.path())
             .env("RUST_LOG", "info")
@@ -210,7 +246,12 @@ impl Server {
             // Its own group: Drop kills the master and every worker at once.
             .process_group(0);
         prepare(&mut cmd);
-        let command = format!("{} {}", master.display(), full.join(" "));
+        let command = format!(
+            "{}{} {}",
+            wrapper.iter().map(|w| format!("{w} ")).collect::<String>(),
+            master.display(),
+            full.join(" ")
+        );
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {command}: {e}"));
@@ -725,6 +766,9 @@ pub struct Many {
     pub replies: Vec<Option<Reply>>,
     /// The id each request was sent with.
     pub ids: Vec<u64>,
+    /// Requests sent at least once: the first `sent` (all of them, unless
+    /// `load.stop` ended the stream early).
+    pub sent: usize,
     /// Requests that had to be sent again (their first send got no reply
     /// within `resend_after`).
     pub resent: usize,
@@ -952,6 +996,7 @@ impl Client {
             pending.extend(again);
         }
         out.elapsed = started.elapsed();
+        out.sent = next;
         out
     }
 }

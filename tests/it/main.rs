@@ -22,19 +22,34 @@
 //! * [`causal`]: issue 11 item 7: two masters whose clocks disagree by 2 s,
 //!   a request carrying a causal link (`"hlc"`) from one to the other, and
 //!   `master report` merging their journals in causal order.
+//! * [`dedup`]: issue 10 item 3, retries answered once: the duplicate
+//!   request cache (a retry in progress dropped, one after the reply
+//!   replayed byte for byte, its bounds under 100,000 ids).
+//! * [`replace`]: issue 10 item 2: `USR2` replaces the master under load
+//!   with nothing lost, a failed replacement rolls back; systemd's
+//!   `LISTEN_FDS` and `NOTIFY_SOCKET`.
+//! * [`cluster`]: issue 11, a group of servers on 127.0.0.1-4: formation,
+//!   discovery, a server or the coordinator SIGKILLed, a server joining
+//!   under load, garbage and keys on the cluster port.
+//! * [`netns`]: issue 11 across network namespaces (root only): the
+//!   coordinator cut off from the majority, and the partition healed.
 //! * [`one_reply`]: exactly one reply per request on every stop path and
 //!   timeout; signals as documented; a loop that never stalls.
 //! * [`privileges`]: issue 9's least privilege: workers as `--user nobody`,
 //!   their resource limits and seccomp filter, the warning of a root master.
 
 mod causal;
+mod cluster;
+mod dedup;
 mod failover;
 mod faults;
 mod harness;
 mod hostile;
 mod journal;
 mod lifecycle;
+mod netns;
 mod one_reply;
 mod privileges;
+mod replace;
 mod serve;
 mod several;

@@ -31,7 +31,8 @@ then the request fails over to the next server, with the same id. A `busy` or
 once. A reply that comes late from a server already left behind still answers.
 Within one process, a server that timed out 3 times in a row, refused or said
 shutting_down is skipped for 5 s. The reply is printed with the server that
-sent it.
+sent it. With --discover SEED the server list is the group's servers that are
+up, as SEED's `members` reply names them (docs/CLUSTER.md).
 
 Exit status: 0 for a reply, 1 for an error reply (or another failure), 2 when no
 server answered (one line names each server tried and why: timeout, refused,
@@ -49,6 +50,12 @@ pub struct ClientArgs {
         default_value = "127.0.0.1:10001"
     )]
     pub servers: Vec<String>,
+
+    /// Ask this server (HOST:PORT; repeat for more seeds, tried in turn) for
+    /// `members` and use the servers of its group that are up, in order of
+    /// their numbers, instead of --server.
+    #[arg(long, value_name = "SEED")]
+    pub discover: Vec<String>,
 
     /// Which server a request starts at.
     #[arg(long, value_enum, default_value_t = Policy::First)]
@@ -104,6 +111,9 @@ pub enum ClientCommand {
     },
     /// Pool statistics, answered by the master.
     Stats,
+    /// The group of servers, as the first server (or seed) that answers
+    /// sees it: a table, or its JSON with --json.
+    Members,
     /// Send TEXT as it is (the lecture's text dialect: a number gets its
     /// square, other text a greeting). The first reply wins.
     Send {
@@ -143,6 +153,12 @@ pub struct LoadArgs {
         default_value = "127.0.0.1:10001"
     )]
     pub servers: Vec<String>,
+
+    /// Ask this server (loopback; repeat for more seeds) for `members` once
+    /// at the start, and load the servers of its group that are up instead
+    /// of --server.
+    #[arg(long, value_name = "SEED")]
+    pub discover: Vec<String>,
 
     /// How sockets are spread over the servers.
     #[arg(long, value_enum, default_value_t = Policy::First)]
@@ -285,6 +301,11 @@ mod tests {
         assert_eq!(l.servers, ["[::1]:1", "127.0.0.1:2"]);
         assert_eq!((l.policy, l.retries), (Policy::First, 0));
         assert!(ClientArgs::try_parse_from(["client", "--policy", "random", "hello"]).is_err());
+        let d = ClientArgs::parse_from(["client", "--discover", "127.0.0.1:1", "members"]);
+        assert_eq!(d.discover, ["127.0.0.1:1"]);
+        assert!(matches!(d.command, ClientCommand::Members));
+        let l = LoadArgs::parse_from(["loadgen", "--discover", "127.0.0.1:1"]);
+        assert_eq!(l.discover, ["127.0.0.1:1"]);
     }
 
     /// `option=value` parses or not, for each of `values`.

@@ -11,6 +11,7 @@
 //! * [`addr`]: server addresses (loopback only for load).
 //! * [`failover`]: several servers: where a request starts, where it goes
 //!   when one fails it, which are skipped for a while (no sockets).
+//! * [`discover`]: `--discover SEED`: the servers of a group, from `members`.
 //! * [`wire`]: requests rendered, replies read, matched and checked.
 //! * [`oneshot`]: the `client` binary's work: ask, retry, fail over, print.
 //! * [`mix`]: the load generator's request mix.
@@ -21,6 +22,7 @@
 
 pub mod addr;
 pub mod cli;
+pub mod discover;
 pub mod failover;
 pub mod load;
 pub mod mix;

@@ -85,8 +85,13 @@ pub enum Pacing {
 /// A bad address or option, a socket that cannot be set up, a child that
 /// failed, or a report or plot that cannot be written.
 pub fn run(args: &LoadArgs) -> Result<()> {
-    // Load goes to this machine only, to every server named.
-    let servers = addr::resolve_servers(&args.servers, true)?;
+    // Load goes to this machine only, to every server named (or found).
+    let servers = if args.discover.is_empty() || args.child {
+        addr::resolve_servers(&args.servers, true)?
+    } else {
+        let timeout = Duration::from_millis(args.timeout_ms);
+        crate::discover::discover(&args.discover, timeout, true)?.servers
+    };
     install_stop_handler().context("installing the SIGINT/SIGTERM handler")?;
     let duration = match (args.duration, args.requests) {
         (Some(d), _) => d,

@@ -24,6 +24,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::addr;
 use crate::cli::{ClientArgs, ClientCommand};
+use crate::discover;
 use crate::failover::{Failure, Health, SkipRule};
 use crate::wire::{self, Command, JsonReply};
 
@@ -113,9 +114,17 @@ pub struct Ask<'a> {
 /// [`NoReply`] (exit status 2) when no server answered; anything else that
 /// failed (a bad address, a socket error).
 pub fn run(args: &ClientArgs) -> Result<u8> {
-    let servers = addr::resolve_servers(&args.servers, false)?;
+    let timeout = Duration::from_millis(args.timeout_ms);
+    if let ClientCommand::Members = args.command {
+        return print_members(args, timeout);
+    }
+    let servers = if args.discover.is_empty() {
+        addr::resolve_servers(&args.servers, false)?
+    } else {
+        discover::discover(&args.discover, timeout, false)?.servers
+    };
     if let Some(k) = args.processes {
-        return run_processes(args, k);
+        return run_processes(args, k, &servers);
     }
     let command = to_command(&args.command)?;
     let pid = std::process::id();
@@ -156,8 +165,30 @@ fn to_command(cmd: &ClientCommand) -> Result<Command> {
         }
         ClientCommand::Sleep { ms } => Command::Sleep(*ms),
         ClientCommand::Stats => Command::Stats,
+        ClientCommand::Members => anyhow::bail!("members is asked with discover::discover"),
         ClientCommand::Send { text } => Command::Send(text.join(" ")),
     })
+}
+
+/// `client members`: the first server (or seed) that answers, its reply as
+/// a table (or JSON with a "server" field).
+fn print_members(args: &ClientArgs, timeout: Duration) -> Result<u8> {
+    let seeds = if args.discover.is_empty() {
+        &args.servers
+    } else {
+        &args.discover
+    };
+    let group = discover::discover(seeds, timeout, false)?;
+    let mut out = io::stdout().lock();
+    if args.json {
+        let mut reply = group.reply;
+        reply["server"] = serde_json::Value::String(group.seed.to_string());
+        writeln!(out, "{reply}")
+    } else {
+        write!(out, "{}", discover::table(&group.reply, group.seed))
+    }
+    .context("writing the members")?;
+    Ok(0)
 }
 
 /// One server's connected socket.
@@ -363,11 +394,11 @@ fn print_reply(answer: &Answer, json: bool) -> Result<u8> {
 /// Runs `k` copies of this client at once, each a process of its own that
 /// sends with its own PID (and, with `--policy round-robin`, starts at its
 /// own server), and prints `client <pid>: <reply>` for each.
-fn run_processes(args: &ClientArgs, k: u32) -> Result<u8> {
+fn run_processes(args: &ClientArgs, k: u32, servers: &[SocketAddr]) -> Result<u8> {
     let exe = std::env::current_exe().context("finding the client executable")?;
     let mut child_args: Vec<String> = Vec::new();
-    for s in &args.servers {
-        child_args.extend(["--server".into(), s.clone()]);
+    for s in servers {
+        child_args.extend(["--server".into(), s.to_string()]);
     }
     child_args.extend([
         "--timeout-ms".into(),
@@ -426,6 +457,7 @@ fn command_args(cmd: &ClientCommand) -> Vec<String> {
         ClientCommand::Square { n } => vec!["square".into(), n.clone()],
         ClientCommand::Sleep { ms } => vec!["sleep".into(), ms.to_string()],
         ClientCommand::Stats => vec!["stats".into()],
+        ClientCommand::Members => vec!["members".into()],
         ClientCommand::Send { text } => {
             let mut v = vec!["send".into()];
             v.extend(text.iter().cloned());

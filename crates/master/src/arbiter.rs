@@ -11,16 +11,20 @@
 //!   the pool's size, spawning.
 //! * `intake`: datagrams, dispatch, and the answers the master gives itself
 //!   (stats, `too_large`, inline mode, errors for requests it cannot place).
+//! * `handover`: `USR2`: starting a new master and handing it the socket,
+//!   or rolling back; in a new master, waiting for the old one's `go`.
 //!
 //! The decisions these steps make are pure functions in [`crate::pool`]
 //! (dispatch, the pool plan, deadlines, settling) and [`crate::backoff`],
 //! unit-tested without processes.
 
 mod control;
+mod handover;
 mod intake;
 mod stats;
 mod supervise;
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -30,18 +34,24 @@ use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::waitpid;
+use nix::unistd::Pid;
 use std::os::fd::AsFd;
 
 use crate::backoff::CrashLoop;
+use crate::dedup::Dedup;
+use crate::group::Group;
 use crate::guard::Guard;
-use crate::journal::{Journal, Origin};
+use crate::journal::{self, Journal};
 use crate::ledger::{Ledger, Responder};
 use crate::pool::{self, Dispatcher, Pending, WorkerSlot};
+use crate::replace::{Listener, Origin, Predecessor, Successor};
 use crate::signals::Signals;
 use netio::RecvBatch;
 
 const TOKEN_UDP: u64 = 0;
 const TOKEN_SIGNALS: u64 = 1;
+/// The channel to the master this one replaces, or to its replacement.
+const TOKEN_HANDOVER: u64 = u64::MAX;
 /// Worker tokens are `FIRST_WORKER_TOKEN + 2*serial (+1 for its request pipe)`.
 const FIRST_WORKER_TOKEN: u64 = 2;
 /// Datagrams per `recvmmsg`.
@@ -59,10 +69,16 @@ const QUIT_GRACE: Duration = Duration::from_secs(1);
 /// Everything the arbiter is configured with.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Where to bind.
+    /// Where to bind (unless the socket is inherited).
     pub bind: SocketAddr,
     /// Bind with `SO_REUSEPORT`, sharing the address with other masters.
     pub reuse_port: bool,
+    /// The executable `USR2` starts as the new master.
+    pub master_path: PathBuf,
+    /// The arguments it is started with (this master's own).
+    pub master_args: Vec<OsString>,
+    /// How long a new master started by `USR2` has to be ready.
+    pub handover_timeout: Duration,
     /// Pool size; 0 answers inline.
     pub workers: usize,
     /// The worker executable.
@@ -93,12 +109,16 @@ pub struct Config {
     pub rate_limit: u32,
     /// Every N-th datagram over the limit gets `rate_limited` (0: none).
     pub rate_limit_slip: u32,
+    /// The duplicate request cache's bounds (a zero window: off).
+    pub dedup: crate::dedup::Limits,
     /// The user, group, limits and filter of every worker.
     pub confinement: crate::privileges::Confinement,
     /// The master's hybrid logical clock: stamps journal rows and `stats`
     /// replies, follows the causal links of requests; shared with the
     /// cluster thread.
     pub clock: crate::clock::Clock,
+    /// A group of servers to form or join (`--cluster-addr`).
+    pub group: Option<crate::group::GroupOptions>,
 }
 
 /// Where the master is in its life.
@@ -107,6 +127,9 @@ enum Phase {
     /// Waiting for the initial workers to report ready; the socket is not
     /// read yet (datagrams wait in the kernel queue).
     Booting { deadline: Instant },
+    /// A master started by `USR2` whose workers are ready: it has said
+    /// `ready` and waits for the old master's `go` before it reads.
+    Standby { deadline: Instant },
     /// Serving.
     Running,
     /// TERM/INT: no new datagrams; workers answer what they hold, then exit.
@@ -127,6 +150,8 @@ struct Ready {
     datagrams: bool,
     /// The signalfd has signals.
     signals: bool,
+    /// The hand-over channel has something to read.
+    handover: bool,
     /// Serials of workers whose completion pipe is readable.
     completions: Vec<u64>,
 }
@@ -143,6 +168,8 @@ pub struct Arbiter {
     responder: Responder,
     ledger: Ledger,
     guard: Guard,
+    /// Replies kept for retries: each request answered at most once.
+    dedup: Dedup,
     slots: Vec<WorkerSlot>,
     /// Requests read (or taken back from a stopped worker) and not placed.
     dispatcher: Dispatcher,
@@ -162,16 +189,29 @@ pub struct Arbiter {
     crash_loop: CrashLoop,
     started: Instant,
     rng: u64,
+    /// How the socket came: bound, from systemd, from an old master.
+    socket_origin: String,
+    /// A `USR2` arrived: the hand-over step starts a new master.
+    replace_requested: bool,
+    /// The master `USR2` started, until it is ready or given up.
+    successor: Option<Successor>,
+    /// The master this one handed its socket to: it reads no more, and
+    /// stops once its workers have answered what they hold.
+    handed_over_to: Option<Pid>,
+    /// In a master started by `USR2`: the old master, until its `go`.
+    predecessor: Option<Predecessor>,
+    /// The group of servers, if any (its thread starts once serving).
+    group: Group,
 }
 
 impl Arbiter {
-    /// Binds the socket, opens the journal and sets up signals; starts no
+    /// Takes the socket, opens the journal and sets up signals; starts no
     /// worker yet.
     ///
     /// # Errors
-    /// When the socket cannot be bound, the journal cannot be opened, the
-    /// worker executable is missing, or epoll/signalfd fail.
-    pub fn new(cfg: Config) -> anyhow::Result<Arbiter> {
+    /// When the journal cannot be opened, the worker executable is
+    /// missing, or epoll/signalfd fail.
+    pub fn new(cfg: Config, listener: Listener) -> anyhow::Result<Arbiter> {
         if cfg.workers > 0 && !cfg.worker_path.is_file() {
             bail!(
                 "worker executable {} not found (build it with `cargo build --release`, or pass --worker-path)",
@@ -181,16 +221,29 @@ impl Arbiter {
         // Signals are blocked before any thread (the journal writer) starts,
         // so that every thread inherits the mask and only the signalfd sees them.
         let signals = Signals::install().context("cannot set up signal handling")?;
-        let socket = crate::udp::bind(cfg.bind, cfg.reuse_port)?;
+        let socket_origin = listener.origin.describe();
+        let socket = listener.socket;
+        let predecessor = match listener.origin {
+            Origin::Predecessor(p) => Some(p),
+            Origin::Bound | Origin::Systemd => None,
+        };
         let journal = match &cfg.journal {
             Some(path) => {
-                let origin = Origin {
+                let origin = journal::Origin {
                     clock: cfg.clock.clone(),
                     server: socket.local_addr().ok(),
                 };
                 Some(Journal::open_for(path, cfg.journal_max_rows, &origin)?)
             }
             None => None,
+        };
+        let group = match cfg.group.clone() {
+            Some(opts) => Group::bind(
+                opts,
+                socket.local_addr()?,
+                journal.as_ref().map(Journal::cluster_journal),
+            )?,
+            None => Group::Off,
         };
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).context("epoll_create")?;
         epoll.add(
@@ -213,6 +266,7 @@ impl Arbiter {
                 cfg.rate_limit,
                 cfg.rate_limit_slip,
             ),
+            dedup: Dedup::new(cfg.dedup),
             slots: Vec::new(),
             dispatcher: Dispatcher::default(),
             refused: Vec::new(),
@@ -227,6 +281,12 @@ impl Arbiter {
             crash_loop: CrashLoop::default(),
             started: now,
             rng: u64::from(std::process::id()) ^ 0x9e37_79b9_7f4a_7c15,
+            socket_origin,
+            replace_requested: false,
+            successor: None,
+            handed_over_to: None,
+            predecessor,
+            group,
             cfg,
         })
     }
@@ -257,6 +317,7 @@ impl Arbiter {
             self.reap_workers(now)?; // waitpid; settle workers reaped and read to the end
             self.check_timeouts(now); // kill workers holding a request too long
             self.check_phase_deadlines(now)?; // boot done or failed, drain timeout, KILL
+            self.hand_over(now)?; // USR2: start a new master, hand it the socket or roll back
             self.manage_workers(now); // retire and start workers toward the target
             self.read_datagrams(now); // stats, too_large, inline answered; the rest queued
             self.dispatch(now); // queued requests to workers; busy, shutting_down
@@ -264,6 +325,7 @@ impl Arbiter {
             self.responder.send(); // the master's own replies, without blocking
             self.ledger.flush_journal(); // rows to the journal's writer thread
         }
+        self.group.finish();
         log::info!(
             "stopped: {} requests answered, {} errors",
             self.ledger.totals.answered(),
@@ -287,11 +349,13 @@ impl Arbiter {
         let ready = &mut self.ready;
         ready.datagrams = false;
         ready.signals = false;
+        ready.handover = false;
         ready.completions.clear();
         for ev in &self.events[..n] {
             match ev.data() {
                 TOKEN_UDP => ready.datagrams = true,
                 TOKEN_SIGNALS => ready.signals = true,
+                TOKEN_HANDOVER => ready.handover = true,
                 // A writable request pipe only wakes the loop: the flush
                 // step writes every outbox.
                 token if (token - FIRST_WORKER_TOKEN) % 2 == 1 => {}
@@ -304,7 +368,9 @@ impl Arbiter {
     /// How long `epoll_wait` may sleep: until the nearest deadline, at most 1 s.
     fn next_wakeup(&self, now: Instant) -> u16 {
         let phase_deadline = match self.phase {
-            Phase::Booting { deadline } | Phase::Draining { deadline } => Some(deadline),
+            Phase::Booting { deadline }
+            | Phase::Standby { deadline }
+            | Phase::Draining { deadline } => Some(deadline),
             Phase::Stopping { kill_at } => Some(kill_at),
             Phase::Running | Phase::Stopped => None,
         };
@@ -313,6 +379,7 @@ impl Arbiter {
             pool::next_timeout(&self.slots, self.cfg.request_timeout),
             self.crash_loop.next_spawn_at(),
             phase_deadline,
+            self.successor.as_ref().map(|s| s.deadline),
         ]
         .into_iter()
         .flatten()
@@ -325,9 +392,22 @@ impl Arbiter {
         ms.min(1000) as u16
     }
 
-    /// Whether new work is taken: booting or running.
+    /// The address clients reach this server at (as `members` names it).
+    fn service_addr(&self) -> SocketAddr {
+        self.local_addr().unwrap_or(self.cfg.bind)
+    }
+
+    /// Whether new work is taken: booting, standing by or running.
     fn accepting(&self) -> bool {
-        matches!(self.phase, Phase::Booting { .. } | Phase::Running)
+        matches!(
+            self.phase,
+            Phase::Booting { .. } | Phase::Standby { .. } | Phase::Running
+        )
+    }
+
+    /// Whether the socket is read: running, and not handed over.
+    fn reading(&self) -> bool {
+        self.phase == Phase::Running && self.handed_over_to.is_none()
     }
 }
 

@@ -17,12 +17,24 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
 pub const MAX_COUNT: u64 = 1_000_000_000_000;
 /// The largest `--max-requests-jitter`.
 pub const MAX_JITTER: u64 = 1_000_000_000;
+/// The longest `--dedup-window`: an hour (nfsd keeps replies 2 minutes).
+pub const MAX_DEDUP_WINDOW: Duration = Duration::from_secs(3600);
+/// The most `--dedup-entries`.
+pub const MAX_DEDUP_ENTRIES: u32 = 4_194_304;
+/// The fewest and most `--dedup-bytes`: room for one largest reply, and 1 GiB.
+pub const DEDUP_BYTES: std::ops::RangeInclusive<u64> = 65_536..=(1 << 30);
 
 /// udp-pool: a UDP server that answers every datagram through a fixed pool
 /// of worker processes; each reply names the PID of the worker that made it.
 ///
 /// Signals: TERM/INT drain and stop (twice: stop at once), QUIT stops at
-/// once, HUP replaces every worker, TTIN/TTOU add/remove one worker.
+/// once, HUP replaces every worker, TTIN/TTOU add/remove one worker, USR2
+/// replaces the master (the `master` executable found then takes over the
+/// socket; nothing is lost).
+///
+/// Under systemd: a socket passed with LISTEN_FDS is served instead of
+/// --bind, and NOTIFY_SOCKET gets READY=1, RELOADING=1, MAINPID and
+/// STOPPING=1 (see contrib/systemd).
 #[derive(Parser, Debug)]
 #[command(name = "master", version, args_conflicts_with_subcommands = true)]
 pub struct Cli {
@@ -78,6 +90,11 @@ pub struct ServeArgs {
     #[arg(long, default_value = "30", value_name = "SECONDS", value_parser = parse_graceful_timeout)]
     pub graceful_timeout: Duration,
 
+    /// On USR2, how long the new master may take to be ready (its workers
+    /// up) before it is killed and this one keeps serving (fractions allowed).
+    #[arg(long, default_value = "10", value_name = "SECONDS", value_parser = parse_handover_timeout)]
+    pub handover_timeout: Duration,
+
     /// A worker retires after this many requests and is replaced (0: never). 1 gives the
     /// lecture's one-process-per-request server.
     #[arg(long, default_value_t = 0, value_name = "N",
@@ -129,6 +146,26 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 2, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub rate_limit_slip: u32,
 
+    /// How long the reply to a JSON request with an `id` is kept (seconds,
+    /// fractions allowed; at most an hour): a retry from the same address
+    /// with the same id and bytes gets it again instead of running twice,
+    /// and one that comes while the request runs is dropped. 0 turns this
+    /// duplicate request cache off.
+    #[arg(long, default_value = "5", value_name = "SECONDS", value_parser = parse_dedup_window)]
+    pub dedup_window: Duration,
+
+    /// Requests the duplicate request cache holds at most, in progress or
+    /// answered; the oldest go first.
+    #[arg(long, default_value_t = 16_384, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=MAX_DEDUP_ENTRIES as i64))]
+    pub dedup_entries: u32,
+
+    /// Bytes of ids and replies the duplicate request cache holds at most
+    /// (64 KiB to 1 GiB); the oldest go first.
+    #[arg(long, default_value_t = 8 << 20, value_name = "BYTES",
+          value_parser = clap::value_parser!(u64).range(DEDUP_BYTES))]
+    pub dedup_bytes: u64,
+
     /// Workers run as this user (a name, or a numeric ID), after the master
     /// has bound the socket; needs a root master. Without it, a root master
     /// warns that its workers run as root.
@@ -166,6 +203,55 @@ pub struct ServeArgs {
     #[arg(long, hide = true, default_value_t = 0, value_name = "MS", allow_negative_numbers = true,
           value_parser = clap::value_parser!(i64).range(-crate::clock::MAX_SKEW_MS..=crate::clock::MAX_SKEW_MS))]
     pub debug_clock_skew_ms: i64,
+
+    /// Form a group with other servers over this private UDP port (SWIM
+    /// membership, an elected coordinator, a numbered view; see
+    /// docs/CLUSTER.md). Without it the master runs alone and opens nothing more.
+    #[arg(long, value_name = "ADDR:PORT", help_heading = "Cluster")]
+    pub cluster_addr: Option<SocketAddr>,
+
+    /// Join the group through this member's cluster port (repeat for
+    /// several seeds; any one that answers is enough). Without --join, the
+    /// master founds a new group.
+    #[arg(
+        long = "join",
+        value_name = "ADDR:PORT",
+        requires = "cluster_addr",
+        help_heading = "Cluster"
+    )]
+    pub join: Vec<SocketAddr>,
+
+    /// The cluster's timers: `lan` (SWIM probes every 1 s, elections in
+    /// 1-2 s) or `test` (probes every 300 ms, elections in 0.5-1 s).
+    #[arg(long, value_enum, default_value_t = ClusterTiming::Lan, value_name = "PROFILE",
+          requires = "cluster_addr", help_heading = "Cluster")]
+    pub cluster_timing: ClusterTiming,
+
+    /// A file holding the group's shared key (at least 16 bytes, readable
+    /// by its owner only): every cluster datagram carries its MAC, and
+    /// datagrams without it are dropped unread.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "cluster_addr",
+        help_heading = "Cluster"
+    )]
+    pub cluster_key: Option<PathBuf>,
+
+    /// Voters the coordinator keeps (the others are learners: they get the
+    /// view but do not vote); a learner is promoted when a voter stays dead.
+    #[arg(long, default_value_t = 3, value_name = "N", requires = "cluster_addr",
+          value_parser = clap::value_parser!(u8).range(1..=7), help_heading = "Cluster")]
+    pub voters: u8,
+}
+
+/// `--cluster-timing`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClusterTiming {
+    /// Production timers.
+    Lan,
+    /// Short timers for tests.
+    Test,
 }
 
 /// Parses `--worker-memory-limit`: 0, or [`MIN_WORKER_MEMORY_MIB`] to
@@ -196,17 +282,35 @@ fn parse_trusted(s: &str) -> Result<Option<ipnet::IpNet>, String> {
         .map_err(|_| format!("{s:?} is not a CIDR (like 10.0.0.0/8), an address, or none"))
 }
 
+/// Parses `--dedup-window`: seconds, 0 to [`MAX_DEDUP_WINDOW`].
+fn parse_dedup_window(text: &str) -> Result<Duration, String> {
+    parse_seconds(text, MAX_DEDUP_WINDOW, "an hour")
+}
+
 /// Parses `--graceful-timeout`: seconds, 0 to [`MAX_TIMEOUT`].
 fn parse_graceful_timeout(text: &str) -> Result<Duration, String> {
-    let max = MAX_TIMEOUT.as_secs_f64();
+    parse_seconds(text, MAX_TIMEOUT, "a day")
+}
+
+/// Seconds, fractions allowed, from 0 to `max` (`max_name` in words).
+fn parse_seconds(text: &str, max: Duration, max_name: &str) -> Result<Duration, String> {
+    let max = max.as_secs_f64();
     let seconds: f64 = text
         .parse()
         .map_err(|_| "expected a number of seconds, like 30 or 0.5".to_owned())?;
     // Also refuses NaN and infinities, which no range contains.
     if !(0.0..=max).contains(&seconds) {
-        return Err(format!("must be between 0 and {max} seconds (a day)"));
+        return Err(format!("must be between 0 and {max} seconds ({max_name})"));
     }
     Ok(Duration::from_secs_f64(seconds))
+}
+
+/// Parses `--handover-timeout`: seconds, more than 0, at most [`MAX_TIMEOUT`].
+fn parse_handover_timeout(text: &str) -> Result<Duration, String> {
+    match parse_graceful_timeout(text) {
+        Ok(d) if d.is_zero() => Err("must be more than 0 seconds".to_owned()),
+        other => other,
+    }
 }
 
 #[cfg(test)]
@@ -324,10 +428,68 @@ mod tests {
         assert_eq!(half.serve.graceful_timeout, Duration::from_millis(500));
         let day = parse(&["--graceful-timeout", "86400"]).unwrap();
         assert_eq!(day.serve.graceful_timeout, MAX_TIMEOUT);
+        edges(
+            "--handover-timeout",
+            &["0.001", "10", "86400"],
+            &["0", "-1", "86400.001", "x", ""],
+        );
+        assert_eq!(
+            parse(&[]).unwrap().serve.handover_timeout,
+            Duration::from_secs(10)
+        );
         let e = parse(&["--graceful-timeout", "1e20"])
             .unwrap_err()
             .to_string();
         assert!(e.contains("between 0 and 86400 seconds"), "{e}");
+    }
+
+    #[test]
+    fn the_duplicate_request_cache_has_its_bounds() {
+        let cli = parse(&[]).unwrap();
+        assert_eq!(cli.serve.dedup_window, Duration::from_secs(5));
+        assert_eq!(
+            (cli.serve.dedup_entries, cli.serve.dedup_bytes),
+            (16_384, 8 << 20)
+        );
+        edges(
+            "--dedup-window",
+            &["0", "0.25", "5", "3600"],
+            &["-1", "3600.5", "5s", "NaN", ""],
+        );
+        edges("--dedup-entries", &["1", "4194304"], &["0", "4194305", "x"]);
+        edges(
+            "--dedup-bytes",
+            &["65536", "1073741824"],
+            &["65535", "1073741825", "8MiB"],
+        );
+        let e = parse(&["--dedup-window", "7200"]).unwrap_err().to_string();
+        assert!(e.contains("between 0 and 3600 seconds (an hour)"), "{e}");
+    }
+
+    #[test]
+    fn cluster_options_need_a_cluster_address() {
+        let cli = parse(&[]).unwrap();
+        assert_eq!(cli.serve.cluster_addr, None);
+        assert!(cli.serve.join.is_empty());
+        assert!(parse(&["--join", "127.0.0.1:7000"]).is_err());
+        assert!(parse(&["--cluster-timing", "test"]).is_err());
+        let cli = parse(&[
+            "--cluster-addr",
+            "127.0.0.2:7000",
+            "--join",
+            "127.0.0.1:7000",
+            "--join",
+            "127.0.0.3:7000",
+            "--cluster-timing",
+            "test",
+        ])
+        .unwrap();
+        assert_eq!(cli.serve.join.len(), 2);
+        assert_eq!(cli.serve.cluster_timing, ClusterTiming::Test);
+        assert_eq!(cli.serve.voters, 3);
+        edges("--cluster-addr", &["127.0.0.1:7000"], &["7000", "x"]);
+        assert!(parse(&["--cluster-addr", "127.0.0.1:1", "--voters", "0"]).is_err());
+        assert!(parse(&["--cluster-addr", "127.0.0.1:1", "--voters", "8"]).is_err());
     }
 
     #[test]

@@ -40,12 +40,16 @@ pub struct Totals {
     pub hlc_links: u64,
     /// Causal links refused: malformed, or too far ahead of the clock.
     pub hlc_refused: u64,
+    /// Retries answered from the duplicate request cache.
+    pub replayed: u64,
+    /// Retries dropped because their request was still running.
+    pub duplicates: u64,
 }
 
 impl Totals {
-    /// Replies sent, successful or not.
+    /// Replies sent, successful or not, replays included.
     pub fn answered(&self) -> u64 {
-        self.ok + self.errors.iter().sum::<u64>()
+        self.ok + self.errors.iter().sum::<u64>() + self.replayed
     }
 }
 
@@ -105,6 +109,8 @@ impl Ledger {
             Outcome::NoReply => self.totals.no_reply += 1,
             Outcome::Withheld => self.totals.withheld += 1,
             Outcome::Dropped => self.totals.dropped += 1,
+            Outcome::Replayed => self.totals.replayed += 1,
+            Outcome::Duplicate => self.totals.duplicates += 1,
         }
         if self.journal.is_some() {
             self.rows.push(RequestRow {
@@ -131,6 +137,8 @@ impl Ledger {
 
     /// Answers `req` with an error made by the master (busy, timeout,
     /// worker_crashed, shutting_down), counts it, and recycles its buffer.
+    /// Returns the request's op and the outcome (when sent, the reply is
+    /// the responder's last).
     pub fn fail(
         &mut self,
         responder: &mut Responder,
@@ -138,7 +146,7 @@ impl Ledger {
         code: ErrorCode,
         message: &str,
         now: Instant,
-    ) {
+    ) -> (Op, Outcome) {
         let (op, id, outcome) =
             responder.error_for(&req.payload, req.client, code, message, req.reply_limit);
         self.record(
@@ -151,6 +159,7 @@ impl Ledger {
             now,
         );
         self.recycle(req.payload);
+        (op, outcome)
     }
 }
 
@@ -199,6 +208,20 @@ impl Responder {
             client,
         );
         (parsed.op(), parsed.id.unwrap_or(""), outcome)
+    }
+
+    /// Queues `reply`, kept by the duplicate request cache, again for `to`:
+    /// [`Outcome::Replayed`], or [`Outcome::Withheld`] if it is over
+    /// `reply_limit` (the same bound as the first reply had: the request's
+    /// bytes are the same).
+    pub fn replay(&mut self, reply: &[u8], reply_limit: u32, to: SocketAddr) -> Outcome {
+        if reply.len() > reply_limit as usize {
+            return Outcome::Withheld;
+        }
+        self.ensure_room();
+        self.batch.next_buf().extend_from_slice(reply);
+        self.batch.commit(to);
+        Outcome::Replayed
     }
 
     /// Queues a `too_large` reply for a datagram cut at `--max-datagram`:

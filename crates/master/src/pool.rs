@@ -59,6 +59,10 @@ pub struct InFlight {
     pub payload: Vec<u8>,
     /// Already re-dispatched once after a crash: a second crash fails it.
     pub redispatched: bool,
+    /// Its entry in the duplicate request cache, if it has one: its worker
+    /// is then asked to send the reply back, and its end is reported to
+    /// the cache.
+    pub dedup: Option<crate::dedup::Token>,
 }
 
 /// Where a worker is in its life.
@@ -194,6 +198,7 @@ impl WorkerSlot {
         frame::encode_request(
             req.seq,
             req.reply_limit,
+            req.dedup.is_some(),
             req.client,
             &req.payload,
             &mut self.outbox,
@@ -493,6 +498,7 @@ mod tests {
             reply_limit: u32::MAX,
             payload: b"7".to_vec(),
             redispatched: false,
+            dedup: None,
         }
     }
 

@@ -7,13 +7,14 @@ use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signa
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 /// The signals the master acts on.
-pub const HANDLED: [Signal; 7] = [
+pub const HANDLED: [Signal; 8] = [
     Signal::SIGINT,
     Signal::SIGTERM,
     Signal::SIGQUIT,
     Signal::SIGHUP,
     Signal::SIGTTIN,
     Signal::SIGTTOU,
+    Signal::SIGUSR2,
     Signal::SIGCHLD,
 ];
 

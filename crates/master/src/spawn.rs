@@ -72,7 +72,10 @@ pub fn spawn_worker(
         .credentials
         .map(|c| (c.uid.as_raw(), c.gid.as_raw()));
     let mut cmd = Command::new(path);
+    // The service manager's socket is the master's to speak on, not a
+    // worker's.
     cmd.env(handoff::ENV, handoff.to_string())
+        .env_remove(crate::notify::SOCKET_ENV)
         .stdin(Stdio::null());
     // SAFETY: the closure runs between fork and exec and calls only
     // fcntl(2), sigprocmask(2) (on a set built on the stack with

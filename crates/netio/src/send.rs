@@ -67,6 +67,12 @@ impl ReplyBatch {
         self.len += 1;
     }
 
+    /// The reply committed last, while it waits to be sent (`None` when
+    /// the batch is empty): what a duplicate request cache keeps.
+    pub fn last(&self) -> Option<&[u8]> {
+        self.len.checked_sub(1).map(|i| &self.bufs[i][..])
+    }
+
     /// Queues the buffer last returned by [`ReplyBatch::next_buf`] for the
     /// socket's peer: the tests fill a connected socket with it.
     #[cfg(test)]

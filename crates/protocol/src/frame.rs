@@ -7,11 +7,15 @@
 //! master -> worker (request pipe)
 //!   kind 1 REQUEST  seq:u64 reply_limit:u32 family:u8 (4|6) ip:[u8;4|16] port:u16
 //!                   [v6 only: flowinfo:u32 scope_id:u32] payload:rest
+//!   kind 5 REQUEST_KEEP  the same fields; the worker sends its reply back in
+//!                   a DONE_REPLY (the master keeps it for retries)
 //! worker -> master (completion pipe)
 //!   kind 2 READY    pid:u32
 //!   kind 3 DONE     seq:u64 op:u8 outcome:u8 id:rest (raw JSON id text, may be empty)
 //!   kind 4 STOPPING pid:u32 (got SIGTERM: it answers what it holds and
 //!                   exits once the master closes its request pipe)
+//!   kind 6 DONE_REPLY seq:u64 op:u8 outcome:u8 id_len:u8 id:[id_len]
+//!                   reply:rest (the reply exactly as sent; empty if none was)
 //! ```
 //!
 //! Several frames travel in one pipe write. [`FrameBuf`] accumulates what a
@@ -22,8 +26,9 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use crate::{Op, Outcome, MAX_UDP_PAYLOAD};
 
-/// The largest frame body accepted: a maximal datagram plus its header.
-pub const MAX_FRAME: usize = MAX_UDP_PAYLOAD + 64;
+/// The largest frame body accepted: a maximal datagram plus its header
+/// (a DONE_REPLY's header, with the longest id, is the largest: 140 bytes).
+pub const MAX_FRAME: usize = MAX_UDP_PAYLOAD + 256;
 
 /// The longest JSON id a completion carries (longer ones are cut; the
 /// client still gets its whole id in the reply).
@@ -33,6 +38,8 @@ const KIND_REQUEST: u8 = 1;
 const KIND_READY: u8 = 2;
 const KIND_DONE: u8 = 3;
 const KIND_STOPPING: u8 = 4;
+const KIND_REQUEST_KEEP: u8 = 5;
+const KIND_DONE_REPLY: u8 = 6;
 
 /// A pipe stream that does not follow the framing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,6 +68,9 @@ pub enum ToWorker<'a> {
         /// The largest reply that may be sent ([`u32::MAX`]: no bound; for a
         /// source outside `--trusted`, the amplification bound).
         reply_limit: u32,
+        /// The master keeps the reply (its duplicate request cache): the
+        /// worker sends it back in its completion (a DONE_REPLY frame).
+        keep_reply: bool,
         /// Where the reply goes.
         client: SocketAddr,
         /// The datagram as received.
@@ -92,13 +102,18 @@ pub enum ToMaster<'a> {
         outcome: Outcome,
         /// The request's raw JSON id (cut at [`MAX_DONE_ID`]), or empty.
         id: &'a [u8],
+        /// For a request sent with `keep_reply`: the reply exactly as it
+        /// was sent (empty when none was); `None` otherwise.
+        reply: Option<&'a [u8]>,
     },
 }
 
-/// Appends a REQUEST frame to `out`.
+/// Appends a REQUEST frame to `out` (a REQUEST_KEEP with `keep_reply`:
+/// the worker then sends its reply back in a DONE_REPLY).
 pub fn encode_request(
     seq: u64,
     reply_limit: u32,
+    keep_reply: bool,
     client: SocketAddr,
     payload: &[u8],
     out: &mut Vec<u8>,
@@ -110,7 +125,11 @@ pub fn encode_request(
     let body = 1 + 8 + 4 + addr_len + payload.len();
     out.reserve(4 + body);
     out.extend_from_slice(&(body as u32).to_be_bytes());
-    out.push(KIND_REQUEST);
+    out.push(if keep_reply {
+        KIND_REQUEST_KEEP
+    } else {
+        KIND_REQUEST
+    });
     out.extend_from_slice(&seq.to_be_bytes());
     out.extend_from_slice(&reply_limit.to_be_bytes());
     match client {
@@ -156,6 +175,31 @@ pub fn encode_done(seq: u64, op: Op, outcome: Outcome, id: &[u8], out: &mut Vec<
     out.push(op as u8);
     out.push(outcome.to_u8());
     out.extend_from_slice(id);
+}
+
+/// Appends a DONE_REPLY frame to `out`: a DONE that also carries the reply
+/// as sent (for a REQUEST_KEEP). An id over [`MAX_DONE_ID`] bytes is cut;
+/// so is a reply over [`MAX_UDP_PAYLOAD`], which no reply can be.
+pub fn encode_done_with_reply(
+    seq: u64,
+    op: Op,
+    outcome: Outcome,
+    id: &[u8],
+    reply: &[u8],
+    out: &mut Vec<u8>,
+) {
+    let id = &id[..id.len().min(MAX_DONE_ID)];
+    let reply = &reply[..reply.len().min(MAX_UDP_PAYLOAD)];
+    let body = 1 + 8 + 1 + 1 + 1 + id.len() + reply.len();
+    out.reserve(4 + body);
+    out.extend_from_slice(&(body as u32).to_be_bytes());
+    out.push(KIND_DONE_REPLY);
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.push(op as u8);
+    out.push(outcome.to_u8());
+    out.push(id.len() as u8);
+    out.extend_from_slice(id);
+    out.extend_from_slice(reply);
 }
 
 /// A whole frame split off a buffer: its kind, its body and the bytes used.
@@ -209,7 +253,7 @@ pub fn decode_to_worker(buf: &[u8]) -> Result<Option<(ToWorker<'_>, usize)>, Fra
     let Some((kind, body, used)) = split_frame(buf)? else {
         return Ok(None);
     };
-    if kind != KIND_REQUEST {
+    if kind != KIND_REQUEST && kind != KIND_REQUEST_KEEP {
         return Err(FrameError::UnknownKind(kind));
     }
     let mut f = Fields(body, "request");
@@ -234,6 +278,7 @@ pub fn decode_to_worker(buf: &[u8]) -> Result<Option<(ToWorker<'_>, usize)>, Fra
         ToWorker::Request {
             seq,
             reply_limit,
+            keep_reply: kind == KIND_REQUEST_KEEP,
             client,
             payload: f.0,
         },
@@ -280,6 +325,28 @@ pub fn decode_to_master(buf: &[u8]) -> Result<Option<(ToMaster<'_>, usize)>, Fra
                 op,
                 outcome,
                 id: f.0,
+                reply: None,
+            }
+        }
+        KIND_DONE_REPLY => {
+            let mut f = Fields(body, "done_reply");
+            let seq = u64::from_be_bytes(f.array()?);
+            let op = Op::from_u8(f.u8()?).ok_or(FrameError::Malformed("done_reply"))?;
+            let outcome = Outcome::from_u8(f.u8()?).ok_or(FrameError::Malformed("done_reply"))?;
+            let id_len = usize::from(f.u8()?);
+            if id_len > MAX_DONE_ID {
+                return Err(FrameError::Malformed("done_reply"));
+            }
+            let id = f.take(id_len)?;
+            if f.0.len() > MAX_UDP_PAYLOAD {
+                return Err(FrameError::Malformed("done_reply"));
+            }
+            ToMaster::Done {
+                seq,
+                op,
+                outcome,
+                id,
+                reply: Some(f.0),
             }
         }
         other => return Err(FrameError::UnknownKind(other)),
@@ -387,8 +454,15 @@ mod tests {
         let v4: SocketAddr = "127.0.0.1:5555".parse().unwrap();
         let v6: SocketAddr = "[::1]:6666".parse().unwrap();
         let mut wire = Vec::new();
-        encode_request(1, 21, v4, b"7", &mut wire);
-        encode_request(u64::MAX, u32::MAX, v6, b"{\"op\":\"hello\"}", &mut wire);
+        encode_request(1, 21, false, v4, b"7", &mut wire);
+        encode_request(
+            u64::MAX,
+            u32::MAX,
+            true,
+            v6,
+            b"{\"op\":\"hello\"}",
+            &mut wire,
+        );
         let mut fb = FrameBuf::with_capacity(64);
         let mut got = Vec::new();
         for chunk in wire.chunks(3) {
@@ -397,19 +471,20 @@ mod tests {
             while let Some(ToWorker::Request {
                 seq,
                 reply_limit,
+                keep_reply,
                 client,
                 payload,
             }) = fb.next_to_worker().unwrap()
             {
-                got.push((seq, reply_limit, client, payload.to_vec()));
+                got.push((seq, reply_limit, keep_reply, client, payload.to_vec()));
             }
         }
         fb.finish().unwrap();
         assert_eq!(
             got,
             vec![
-                (1, 21, v4, b"7".to_vec()),
-                (u64::MAX, u32::MAX, v6, b"{\"op\":\"hello\"}".to_vec())
+                (1, 21, false, v4, b"7".to_vec()),
+                (u64::MAX, u32::MAX, true, v6, b"{\"op\":\"hello\"}".to_vec())
             ]
         );
 
@@ -423,10 +498,18 @@ mod tests {
             &mut wire,
         );
         encode_stopping(43, &mut wire);
+        encode_done_with_reply(
+            10,
+            Op::Hello,
+            Outcome::Ok,
+            b"7",
+            b"{\"ok\":true,\"id\":7}",
+            &mut wire,
+        );
         let (f1, used) = decode_to_master(&wire).unwrap().unwrap();
         assert_eq!(f1, ToMaster::Ready { pid: 42 });
         let (f2, used2) = decode_to_master(&wire[used..]).unwrap().unwrap();
-        let (f3, _) = decode_to_master(&wire[used + used2..]).unwrap().unwrap();
+        let (f3, used3) = decode_to_master(&wire[used + used2..]).unwrap().unwrap();
         assert_eq!(f3, ToMaster::Stopping { pid: 43 });
         assert_eq!(
             f2,
@@ -434,9 +517,58 @@ mod tests {
                 seq: 9,
                 op: Op::Square,
                 outcome: Outcome::Error(ErrorCode::Busy),
-                id: b"\"x\""
+                id: b"\"x\"",
+                reply: None,
             }
         );
+        let (f4, used4) = decode_to_master(&wire[used + used2 + used3..])
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            f4,
+            ToMaster::Done {
+                seq: 10,
+                op: Op::Hello,
+                outcome: Outcome::Ok,
+                id: b"7",
+                reply: Some(b"{\"ok\":true,\"id\":7}"),
+            }
+        );
+        assert_eq!(used + used2 + used3 + used4, wire.len());
+    }
+
+    /// Bytes written as docs/PROTOCOL.md shows them: hex pairs, spaces.
+    fn hex(text: &str) -> Vec<u8> {
+        text.split_whitespace()
+            .map(|h| u8::from_str_radix(h, 16).expect("hex"))
+            .collect()
+    }
+
+    #[test]
+    fn the_byte_level_examples_of_protocol_md() {
+        let mut wire = Vec::new();
+        let v4 = "127.0.0.1:5555".parse().unwrap();
+        encode_request(1, u32::MAX, false, v4, b"7", &mut wire);
+        assert_eq!(
+            wire,
+            hex("00 00 00 15 01 00 00 00 00 00 00 00 01 ff ff ff ff 04 7f 00 00 01 15 b3 37")
+        );
+        let mut wire = Vec::new();
+        encode_request(
+            2,
+            u32::MAX,
+            false,
+            "[::1]:5555".parse().unwrap(),
+            br#"{"op":"hello"}"#,
+            &mut wire,
+        );
+        assert_eq!((wire.len(), &wire[..4]), (58, &[0, 0, 0, 0x36][..]));
+        let reply = br#"{"ok":true,"op":"square","result":9,"worker_pid":4242,"id":7}"#;
+        let mut wire = Vec::new();
+        encode_done_with_reply(8, Op::Square, Outcome::Ok, b"7", reply, &mut wire);
+        let mut want = hex("00 00 00 4a 06 00 00 00 00 00 00 00 08 01 00 01 37");
+        want.extend_from_slice(reply);
+        assert_eq!(wire, want);
     }
 
     #[test]
@@ -452,6 +584,19 @@ mod tests {
         assert_eq!(
             decode_to_master(&[0, 0, 0, 1, 9]),
             Err(FrameError::UnknownKind(9))
+        );
+        // A DONE_REPLY whose id length runs past its body, or is over the limit.
+        let mut bad = vec![0, 0, 0, 13, KIND_DONE_REPLY];
+        bad.extend_from_slice(&[0; 8]);
+        bad.extend_from_slice(&[1, 0, 5, b'x']);
+        assert_eq!(
+            decode_to_master(&bad),
+            Err(FrameError::Malformed("done_reply"))
+        );
+        bad[4 + 1 + 8 + 2] = (MAX_DONE_ID + 1) as u8;
+        assert_eq!(
+            decode_to_master(&bad),
+            Err(FrameError::Malformed("done_reply"))
         );
         let mut fb = FrameBuf::with_capacity(64);
         fb.spare()[..3].copy_from_slice(&[0, 0, 0]);

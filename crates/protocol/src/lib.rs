@@ -1,14 +1,16 @@
 //! The udp-pool wire formats, and nothing else: no sockets, no pipes, no
 //! clocks. Every byte a client, the master or a worker sends is defined here.
 //!
-//! Two formats live in this crate:
+//! Three formats live in this crate:
 //!
 //! * the **client datagram** protocol, in two dialects told apart by the
 //!   first non-blank byte: JSON (`{"op":"square","n":12,"id":7}`) and the
 //!   lecture's plain text (`12`, `Hi server!`);
 //! * the **pipe frames** the master and its workers exchange: length-prefixed
 //!   binary frames carrying a request sequence number, the client address and
-//!   the payload one way, readiness and completions the other way.
+//!   the payload one way, readiness and completions the other way;
+//! * the **hand-over** from a master to the master it starts on `USR2`:
+//!   two lines on a Unix socket pair.
 //!
 //! # Layout
 //! * [`request`]: one place that parses a datagram into a [`request::Parsed`].
@@ -18,13 +20,20 @@
 //!   in the master's inline mode, with a [`answer::Host`] for the effects.
 //! * [`handoff`]: the `UDP_POOL_WORKER` environment variable that tells a
 //!   worker which inherited descriptors are its own.
+//! * [`handover`]: the `UDP_POOL_HANDOVER` environment variable and the
+//!   two lines with which a master hands its socket to the master it
+//!   started on `USR2`.
+//! * [`cluster`]: the cluster port's envelope (`master --cluster-addr`),
+//!   and the coordinator's view and the entries that change it.
 //!
 //! The shared vocabulary ([`Op`], [`ErrorCode`], [`Outcome`], [`Dialect`])
 //! is defined below; `docs/PROTOCOL.md` documents all of it for users.
 
 pub mod answer;
+pub mod cluster;
 pub mod frame;
 pub mod handoff;
+pub mod handover;
 pub mod reply;
 pub mod request;
 
@@ -63,17 +72,20 @@ pub enum Op {
     Crash = 4,
     /// Pool statistics, answered by the master itself.
     Stats = 5,
+    /// The group of servers (`members`), answered by the master itself.
+    Members = 6,
 }
 
 impl Op {
     /// Every op, in wire order.
-    pub const ALL: [Op; 6] = [
+    pub const ALL: [Op; 7] = [
         Op::Invalid,
         Op::Square,
         Op::Hello,
         Op::Sleep,
         Op::Crash,
         Op::Stats,
+        Op::Members,
     ];
 
     /// The op's name as it appears in JSON requests and the journal.
@@ -85,6 +97,7 @@ impl Op {
             Op::Sleep => "sleep",
             Op::Crash => "crash",
             Op::Stats => "stats",
+            Op::Members => "members",
         }
     }
 
@@ -176,11 +189,19 @@ pub enum Outcome {
     Withheld,
     /// Not answered: the source was over `--rate-limit`.
     Dropped,
+    /// A retry of a request already answered (same client address, same
+    /// `id`, same bytes, within `--dedup-window`): the master sent the
+    /// first reply again, byte for byte, without running the request.
+    Replayed,
+    /// Not answered: a retry of a request still being answered (same
+    /// client address, `id` and bytes); the first request's reply answers
+    /// it.
+    Duplicate,
 }
 
 impl Outcome {
     /// The outcome as one wire byte: 0 ok, 255 no reply, 254 withheld,
-    /// 253 dropped, else the error code.
+    /// 253 dropped, 252 replayed, 251 duplicate, else the error code.
     pub fn to_u8(self) -> u8 {
         match self {
             Outcome::Ok => 0,
@@ -188,12 +209,14 @@ impl Outcome {
             Outcome::NoReply => 255,
             Outcome::Withheld => 254,
             Outcome::Dropped => 253,
+            Outcome::Replayed => 252,
+            Outcome::Duplicate => 251,
         }
     }
 
     /// Whether a reply went out.
     pub fn sent(self) -> bool {
-        matches!(self, Outcome::Ok | Outcome::Error(_))
+        matches!(self, Outcome::Ok | Outcome::Error(_) | Outcome::Replayed)
     }
 
     /// The outcome with this wire byte, if any.
@@ -203,11 +226,14 @@ impl Outcome {
             255 => Some(Outcome::NoReply),
             254 => Some(Outcome::Withheld),
             253 => Some(Outcome::Dropped),
+            252 => Some(Outcome::Replayed),
+            251 => Some(Outcome::Duplicate),
             _ => ErrorCode::from_u8(b).map(Outcome::Error),
         }
     }
 
-    /// `ok`, `no_reply` or the error code, as the journal stores it.
+    /// `ok`, `no_reply`, `withheld`, `dropped`, `replayed`, `duplicate` or
+    /// the error code, as the journal stores it.
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
@@ -215,6 +241,8 @@ impl Outcome {
             Outcome::NoReply => "no_reply",
             Outcome::Withheld => "withheld",
             Outcome::Dropped => "dropped",
+            Outcome::Replayed => "replayed",
+            Outcome::Duplicate => "duplicate",
         }
     }
 }
@@ -236,6 +264,8 @@ mod tests {
         assert_eq!(Outcome::from_u8(255), Some(Outcome::NoReply));
         assert_eq!(Outcome::from_u8(254), Some(Outcome::Withheld));
         assert_eq!(Outcome::from_u8(253), Some(Outcome::Dropped));
+        assert_eq!(Outcome::from_u8(252), Some(Outcome::Replayed));
+        assert_eq!(Outcome::from_u8(251), Some(Outcome::Duplicate));
         assert_eq!(Outcome::from_u8(200), None);
     }
 }

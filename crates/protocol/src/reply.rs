@@ -108,10 +108,10 @@ pub fn write_reply(parsed: &Parsed<'_>, ctx: &ReplyContext, out: &mut Vec<u8>) -
                 out,
             )
         }
-        Request::Stats => {
+        Request::Stats | Request::Members => {
             return fail(
                 ErrorCode::UnknownOp,
-                "op stats is answered by the master only",
+                "op stats and op members are answered by the master only",
                 out,
             )
         }

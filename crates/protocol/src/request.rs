@@ -56,6 +56,9 @@ pub enum Request<'a> {
     Crash,
     /// Pool statistics (answered by the master).
     Stats,
+    /// The group of servers: this one alone, or the cluster's view
+    /// (answered by the master).
+    Members,
 }
 
 impl Request<'_> {
@@ -67,6 +70,7 @@ impl Request<'_> {
             Request::Sleep { .. } => Op::Sleep,
             Request::Crash => Op::Crash,
             Request::Stats => Op::Stats,
+            Request::Members => Op::Members,
         }
     }
 }
@@ -120,12 +124,15 @@ pub fn dialect_of(datagram: &[u8]) -> Dialect {
     }
 }
 
-/// Whether a datagram may be a `stats` request: a cheap byte scan that lets
-/// the master parse only the datagrams it must answer itself. It has no
-/// false negatives: an op spelled with escapes (`"st\u0061ts"`) is only
-/// possible in a datagram with a backslash, which is always a maybe.
+/// Whether a datagram may be a `stats` or `members` request: a cheap byte
+/// scan that lets the master parse only the datagrams it must answer
+/// itself. It has no false negatives: an op spelled with escapes
+/// (`"st\u0061ts"`) is only possible in a datagram with a backslash, which
+/// is always a maybe.
 pub fn may_be_stats(datagram: &[u8]) -> bool {
-    datagram.contains(&b'\\') || datagram.windows(7).any(|w| w == b"\"stats\"")
+    datagram.contains(&b'\\')
+        || datagram.windows(7).any(|w| w == b"\"stats\"")
+        || datagram.windows(9).any(|w| w == b"\"members\"")
 }
 
 /// Whether a datagram may carry a causal link (a JSON `"hlc"` field): the
@@ -180,6 +187,145 @@ pub fn peek_id(datagram: &[u8]) -> (Dialect, Option<&str>) {
     match parse(datagram) {
         Some(p) => (p.dialect, p.id),
         None => (Dialect::Text, None),
+    }
+}
+
+/// Finds the raw `id` of a JSON datagram in one pass over its bytes,
+/// without parsing the rest: what the master keys its duplicate request
+/// cache on. No allocation, no recursion, linear in the datagram.
+///
+/// For every datagram [`parse`] reads as JSON, the answer is the parser's
+/// [`Parsed::id`], byte for byte, with one exception: an `id` key spelled
+/// with escapes (`"\u0069d"`) is not seen, and the answer is `None`. A
+/// datagram the parser rejects as malformed JSON (or not UTF-8) may still
+/// yield an id here; the cache is safe with that, because it answers a
+/// retry only with the reply to the very same bytes. `None` also for the
+/// text dialect, an id that is an object or array, and a repeated `id`
+/// (the parser's `bad_request` cases, which echo no id).
+pub fn scan_id(datagram: &[u8]) -> Option<&[u8]> {
+    let mut s = Scanner { b: datagram, i: 0 };
+    s.blank();
+    if !s.eat(b'{') {
+        return None;
+    }
+    let mut id = None;
+    s.blank();
+    if !s.eat(b'}') {
+        loop {
+            s.blank();
+            let (key, escaped) = s.string()?;
+            s.blank();
+            if !s.eat(b':') {
+                return None;
+            }
+            s.blank();
+            let value = s.value()?;
+            if !escaped && key == b"\"id\"" {
+                if id.is_some() {
+                    return None;
+                }
+                id = Some(value);
+            }
+            s.blank();
+            if s.eat(b',') {
+                continue;
+            }
+            if s.eat(b'}') {
+                break;
+            }
+            return None;
+        }
+    }
+    s.blank();
+    if s.i != datagram.len() {
+        return None;
+    }
+    id.filter(|v| !matches!(v.first(), Some(b'{' | b'[')))
+}
+
+/// A cursor over a datagram for [`scan_id`]: lenient inside values (it
+/// skips them by their brackets and quotes), exact on valid JSON.
+struct Scanner<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Scanner<'a> {
+    /// Skips JSON whitespace (space, tab, LF, CR).
+    fn blank(&mut self) {
+        while matches!(self.b.get(self.i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.i += 1;
+        }
+    }
+
+    fn eat(&mut self, byte: u8) -> bool {
+        let hit = self.b.get(self.i) == Some(&byte);
+        self.i += usize::from(hit);
+        hit
+    }
+
+    /// A string at the cursor, quotes included, and whether it has escapes.
+    fn string(&mut self) -> Option<(&'a [u8], bool)> {
+        let start = self.i;
+        if !self.eat(b'"') {
+            return None;
+        }
+        let mut escaped = false;
+        loop {
+            match *self.b.get(self.i)? {
+                b'"' => {
+                    self.i += 1;
+                    return Some((&self.b[start..self.i], escaped));
+                }
+                b'\\' => {
+                    escaped = true;
+                    self.i += 2;
+                }
+                _ => self.i += 1,
+            }
+        }
+    }
+
+    /// A value at the cursor, as its raw text: a string, an object or array
+    /// (skipped to its matching bracket), or a scalar (up to the next
+    /// delimiter).
+    fn value(&mut self) -> Option<&'a [u8]> {
+        let start = self.i;
+        match *self.b.get(self.i)? {
+            b'"' => {
+                self.string()?;
+            }
+            b'{' | b'[' => {
+                let mut depth = 0usize;
+                loop {
+                    match *self.b.get(self.i)? {
+                        b'"' => {
+                            self.string()?;
+                            continue;
+                        }
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => depth -= 1,
+                        _ => {}
+                    }
+                    self.i += 1;
+                    if depth == 0 {
+                        break;
+                    }
+                }
+            }
+            _ => {
+                while !matches!(
+                    self.b.get(self.i),
+                    None | Some(b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')
+                ) {
+                    self.i += 1;
+                }
+                if self.i == start {
+                    return None;
+                }
+            }
+        }
+        Some(&self.b[start..self.i])
     }
 }
 
@@ -339,11 +485,14 @@ fn json_request<'a>(
         "sleep" => Op::Sleep,
         "crash" => Op::Crash,
         "stats" => Op::Stats,
+        "members" => Op::Members,
         other => {
             let shown: String = other.chars().take(40).collect();
             return Err(ProtocolError::new(
                 ErrorCode::UnknownOp,
-                format!("unknown op {shown:?} (known: square, hello, sleep, crash, stats)"),
+                format!(
+                    "unknown op {shown:?} (known: square, hello, sleep, crash, stats, members)"
+                ),
             ));
         }
     };
@@ -395,6 +544,7 @@ fn json_request<'a>(
         }
         Op::Crash => Ok(Request::Crash),
         Op::Stats => Ok(Request::Stats),
+        Op::Members => Ok(Request::Members),
         Op::Invalid => unreachable!("op names map to real ops"),
     }
 }
@@ -607,6 +757,8 @@ mod tests {
         assert!(may_carry_hlc(br#"{"op":"hello","h\u006cc":"1/2"}"#));
         assert!(!may_carry_hlc(br#"{"op":"hello","n":"hl"}"#));
         assert!(!may_be_stats(br#"{"op":"square","n":1}"#));
+        assert!(may_be_stats(br#"{"op":"members","id":1}"#));
+        assert_eq!(req(r#"{"op":"members"}"#), Ok(Request::Members));
         assert_eq!(peek_id(br#"{"op":"x","id":[1]}"#), (Dialect::Json, None));
         assert_eq!(peek_id(br#"{"op":"x","id":9}"#), (Dialect::Json, Some("9")));
     }
@@ -639,5 +791,51 @@ mod tests {
         ] {
             assert_eq!(ok(none), None, "{none}");
         }
+    }
+
+    #[test]
+    fn scan_id_finds_the_parsers_id() {
+        let same = [
+            r#"{"op":"square","n":2,"id":7}"#,
+            r#" { "id" : "a\"b}" , "op":"hello" } "#,
+            r#"{"n":{"id":1,"x":[1,{"y":"]"}]},"id":-1.5e3,"op":"x"}"#,
+            "{\"op\":\"hello\",\n\"id\":null\r\n}\t",
+            r#"{"op":"hello","id":true}"#,
+            r#"{"op":"hello"}"#,
+            r#"{}"#,
+            r#"{"op":"hello","idx":1,"i":2}"#,
+            r#"{"op":"hello","id":"\u00e9\\"}"#,
+        ];
+        for text in same {
+            let want = parse(text.as_bytes()).unwrap().id.map(str::as_bytes);
+            assert_eq!(scan_id(text.as_bytes()), want, "{text}");
+        }
+        // What the parser rejects without an id, the scanner has none for.
+        for text in [
+            r#"{"op":"hello","id":{"a":1}}"#,
+            r#"{"op":"hello","id":[1]}"#,
+            r#"{"id":1,"op":"hello","id":2}"#,
+            r#"{"op":"hello","id":1} x"#,
+            r#"{"op":"hello","id":1"#,
+            r#"{"op":"hello","id":}"#,
+            r#"{"op":"hello","id":"1}"#,
+            r#"{"op" "hello"}"#,
+            "7",
+            "id 7",
+            "",
+            "\u{c}{\"id\":1}",
+            "{\"id\":1,\"x\":[[[[[\"",
+        ] {
+            assert_eq!(scan_id(text.as_bytes()), None, "{text}");
+        }
+        // An escaped key is not seen (the parser does see it).
+        assert_eq!(scan_id(br#"{"\u0069d":1}"#), None);
+        // Deep nesting is skipped without recursion.
+        let deep = format!(
+            r#"{{"x":{}{},"id":3}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        assert_eq!(scan_id(deep.as_bytes()), Some(&b"3"[..]));
     }
 }

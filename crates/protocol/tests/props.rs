@@ -23,9 +23,10 @@ use proptest::prelude::*;
 use proptest::sample::select;
 
 use protocol::frame::{
-    decode_to_master, decode_to_worker, encode_done, encode_ready, encode_request, encode_stopping,
-    FrameBuf, FrameError, ToMaster, ToWorker, MAX_DONE_ID,
+    decode_to_master, decode_to_worker, encode_done, encode_done_with_reply, encode_ready,
+    encode_request, encode_stopping, FrameBuf, FrameError, ToMaster, ToWorker, MAX_DONE_ID,
 };
+use protocol::request::scan_id;
 use protocol::{
     parse, write_error, Dialect, ErrorCode, Op, Outcome, ReplyContext, MAX_SLEEP_MS,
     MAX_UDP_PAYLOAD,
@@ -351,6 +352,10 @@ proptest! {
         let plain = check_datagram(request.as_bytes(), &ctx);
         let padded = format!("{}{request}{}", ws.0, ws.1);
         prop_assert_eq!(check_datagram(padded.as_bytes(), &ctx), plain);
+        // The master's cache key is the parser's id, exactly.
+        let id = parsed.id.map(str::as_bytes);
+        prop_assert_eq!(scan_id(request.as_bytes()), id);
+        prop_assert_eq!(scan_id(padded.as_bytes()), id);
     }
 
     #[test]
@@ -515,6 +520,7 @@ fn escaped_stats_is_seen_by_may_be_stats() {
 struct RequestFrame {
     seq: u64,
     reply_limit: u32,
+    keep_reply: bool,
     client: SocketAddr,
     payload: Vec<u8>,
 }
@@ -523,7 +529,7 @@ struct RequestFrame {
 enum MasterFrame {
     Ready(u32),
     Stopping(u32),
-    Done(u64, Op, Outcome, Vec<u8>),
+    Done(u64, Op, Outcome, Vec<u8>, Option<Vec<u8>>),
 }
 
 fn all_outcomes() -> Vec<Outcome> {
@@ -532,6 +538,8 @@ fn all_outcomes() -> Vec<Outcome> {
         Outcome::NoReply,
         Outcome::Withheld,
         Outcome::Dropped,
+        Outcome::Replayed,
+        Outcome::Duplicate,
     ];
     all.extend(ErrorCode::ALL.iter().map(|c| Outcome::Error(*c)));
     all
@@ -541,15 +549,19 @@ fn request_frame() -> impl Strategy<Value = RequestFrame> {
     (
         any::<u64>(),
         any::<u32>(),
+        any::<bool>(),
         socket_addr(),
         vec(any::<u8>(), 0..300),
     )
-        .prop_map(|(seq, reply_limit, client, payload)| RequestFrame {
-            seq,
-            reply_limit,
-            client,
-            payload,
-        })
+        .prop_map(
+            |(seq, reply_limit, keep_reply, client, payload)| RequestFrame {
+                seq,
+                reply_limit,
+                keep_reply,
+                client,
+                payload,
+            },
+        )
 }
 
 fn master_frame() -> impl Strategy<Value = MasterFrame> {
@@ -561,8 +573,11 @@ fn master_frame() -> impl Strategy<Value = MasterFrame> {
             select(Op::ALL.to_vec()),
             select(all_outcomes()),
             vec(any::<u8>(), 0..=MAX_DONE_ID + 40),
+            option::of(vec(any::<u8>(), 0..300)),
         )
-            .prop_map(|(seq, op, outcome, id)| MasterFrame::Done(seq, op, outcome, id)),
+            .prop_map(|(seq, op, outcome, id, reply)| MasterFrame::Done(
+                seq, op, outcome, id, reply
+            )),
     ]
 }
 
@@ -571,7 +586,14 @@ fn encode_requests(frames: &[RequestFrame]) -> (Vec<u8>, Vec<usize>) {
     let mut wire = Vec::new();
     let mut ends = Vec::new();
     for f in frames {
-        encode_request(f.seq, f.reply_limit, f.client, &f.payload, &mut wire);
+        encode_request(
+            f.seq,
+            f.reply_limit,
+            f.keep_reply,
+            f.client,
+            &f.payload,
+            &mut wire,
+        );
         ends.push(wire.len());
     }
     (wire, ends)
@@ -584,8 +606,11 @@ fn encode_master(frames: &[MasterFrame]) -> (Vec<u8>, Vec<usize>) {
         match f {
             MasterFrame::Ready(pid) => encode_ready(*pid, &mut wire),
             MasterFrame::Stopping(pid) => encode_stopping(*pid, &mut wire),
-            MasterFrame::Done(seq, op, outcome, id) => {
+            MasterFrame::Done(seq, op, outcome, id, None) => {
                 encode_done(*seq, *op, *outcome, id, &mut wire)
+            }
+            MasterFrame::Done(seq, op, outcome, id, Some(reply)) => {
+                encode_done_with_reply(*seq, *op, *outcome, id, reply, &mut wire)
             }
         }
         ends.push(wire.len());
@@ -596,11 +621,12 @@ fn encode_master(frames: &[MasterFrame]) -> (Vec<u8>, Vec<usize>) {
 /// What a master frame decodes to: a DONE id is cut at `MAX_DONE_ID`.
 fn as_decoded(f: &MasterFrame) -> MasterFrame {
     match f {
-        MasterFrame::Done(seq, op, outcome, id) => MasterFrame::Done(
+        MasterFrame::Done(seq, op, outcome, id, reply) => MasterFrame::Done(
             *seq,
             *op,
             *outcome,
             id[..id.len().min(MAX_DONE_ID)].to_vec(),
+            reply.clone(),
         ),
         other => other.clone(),
     }
@@ -611,11 +637,13 @@ fn take_request(fb: &mut FrameBuf) -> Result<Option<RequestFrame>, FrameError> {
         |ToWorker::Request {
              seq,
              reply_limit,
+             keep_reply,
              client,
              payload,
          }| RequestFrame {
             seq,
             reply_limit,
+            keep_reply,
             client,
             payload: payload.to_vec(),
         },
@@ -631,7 +659,8 @@ fn take_master(fb: &mut FrameBuf) -> Result<Option<MasterFrame>, FrameError> {
             op,
             outcome,
             id,
-        } => MasterFrame::Done(seq, op, outcome, id.to_vec()),
+            reply,
+        } => MasterFrame::Done(seq, op, outcome, id.to_vec(), reply.map(<[u8]>::to_vec)),
     }))
 }
 
@@ -669,11 +698,11 @@ proptest! {
         prop_assert_eq!(&got, &frames);
         let mut at = 0;
         for f in &frames {
-            let (ToWorker::Request { seq, reply_limit, client, payload }, used) =
+            let (ToWorker::Request { seq, reply_limit, keep_reply, client, payload }, used) =
                 decode_to_worker(&wire[at..]).unwrap().unwrap();
             prop_assert_eq!(
-                (seq, reply_limit, client, payload),
-                (f.seq, f.reply_limit, f.client, &f.payload[..])
+                (seq, reply_limit, keep_reply, client, payload),
+                (f.seq, f.reply_limit, f.keep_reply, f.client, &f.payload[..])
             );
             at += used;
         }
@@ -723,7 +752,7 @@ proptest! {
         bytes in prop_oneof![
             vec(any::<u8>(), 0..600),
             // A plausible length prefix, so that bodies get decoded.
-            (0..60u32, 1..=3u8, vec(any::<u8>(), 0..80)).prop_map(|(len, kind, rest)| {
+            (0..60u32, 1..=6u8, vec(any::<u8>(), 0..80)).prop_map(|(len, kind, rest)| {
                 let mut b = len.to_be_bytes().to_vec();
                 b.push(kind);
                 b.extend(rest);
@@ -776,12 +805,14 @@ fn a_maximal_datagram_fits_in_a_frame() {
         RequestFrame {
             seq: 1,
             reply_limit: u32::MAX,
+            keep_reply: true,
             client,
             payload: vec![0xab; 65_527],
         },
         RequestFrame {
             seq: 2,
             reply_limit: 3,
+            keep_reply: false,
             client,
             payload: vec![b'7'],
         },
@@ -790,6 +821,18 @@ fn a_maximal_datagram_fits_in_a_frame() {
     let (got, end) = feed(&wire, &[4096, 1, 65_536], 64, take_request);
     assert_eq!(end, Ok(()));
     assert_eq!(got, frames);
+    // And a maximal reply, with the longest id, comes back in a DONE_REPLY.
+    let done = vec![MasterFrame::Done(
+        7,
+        Op::Square,
+        Outcome::Ok,
+        vec![b'1'; MAX_DONE_ID],
+        Some(vec![b'9'; MAX_UDP_PAYLOAD]),
+    )];
+    let (wire, _) = encode_master(&done);
+    let (got, end) = feed(&wire, &[4096, 1, 65_536], 64, take_master);
+    assert_eq!(end, Ok(()));
+    assert_eq!(got, done);
 }
 
 // ---------------------------------------------------------------------------

@@ -90,13 +90,14 @@ pub fn run(handoff: Handoff) -> anyhow::Result<()> {
             let Some(ToWorker::Request {
                 seq,
                 reply_limit,
+                keep_reply,
                 client,
                 payload,
             }) = inbox.next_to_worker().context("request pipe")?
             else {
                 break;
             };
-            worker.answer(seq, client, reply_limit, payload)?;
+            worker.answer(seq, client, reply_limit, keep_reply, payload)?;
         }
         // Under QUIT too: replies already made leave with their completions.
         worker.flush()?;
@@ -116,14 +117,16 @@ struct Worker {
 
 impl Worker {
     /// Answers one request, its reply held to `reply_limit` bytes (the
-    /// master's amplification bound for its source); a request abandoned
-    /// on `QUIT` gets neither a reply nor a completion, so the master
-    /// answers it.
+    /// master's amplification bound for its source); with `keep_reply`
+    /// the completion carries the reply back (the master's duplicate
+    /// request cache keeps it). A request abandoned on `QUIT` gets neither
+    /// a reply nor a completion, so the master answers it.
     fn answer(
         &mut self,
         seq: u64,
         client: std::net::SocketAddr,
         reply_limit: u32,
+        keep_reply: bool,
         payload: &[u8],
     ) -> anyhow::Result<()> {
         let ctx = ReplyContext {
@@ -133,10 +136,23 @@ impl Worker {
         let Some(done) = answer::answer(payload, &ctx, reply_limit as usize, self)? else {
             return Ok(());
         };
-        if done.outcome.sent() {
+        let sent = done.outcome.sent();
+        if sent {
             self.replies.commit(client);
         }
-        frame::encode_done(seq, done.op, done.outcome, done.id, &mut self.done);
+        if keep_reply {
+            let reply = if sent { self.replies.last() } else { None };
+            frame::encode_done_with_reply(
+                seq,
+                done.op,
+                done.outcome,
+                done.id,
+                reply.unwrap_or_default(),
+                &mut self.done,
+            );
+        } else {
+            frame::encode_done(seq, done.op, done.outcome, done.id, &mut self.done);
+        }
         Ok(())
     }
 

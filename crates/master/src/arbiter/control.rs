@@ -1,5 +1,6 @@
-//! Signals and phases: boot, serve, drain (TERM/INT), stop (QUIT, a second
-//! TERM/INT, the graceful timeout), and their deadlines.
+//! Signals and phases: boot, stand by (a master started by `USR2`), serve,
+//! drain (TERM/INT, or handed over), stop (QUIT, a second TERM/INT, the
+//! graceful timeout), and their deadlines.
 
 use std::os::fd::AsFd;
 use std::time::Instant;
@@ -8,9 +9,10 @@ use anyhow::{bail, Context};
 use nix::sys::epoll::{EpollEvent, EpollFlags};
 use nix::sys::signal::{kill, Signal};
 
-use super::{Arbiter, Phase, BOOT_TIMEOUT, QUIT_GRACE, TOKEN_UDP};
+use super::{Arbiter, Phase, BOOT_TIMEOUT, QUIT_GRACE, TOKEN_HANDOVER, TOKEN_UDP};
 use crate::cli::MAX_WORKERS;
 use crate::exit::ExitReason;
+use crate::notify;
 use crate::pool::SlotState;
 
 /// What a TERM, INT or QUIT asks of the master in its current phase.
@@ -45,13 +47,13 @@ fn resized(target: usize, sig: Signal) -> Option<usize> {
 }
 
 impl Arbiter {
-    /// Starts the initial workers; serves at once without a pool.
+    /// Starts the initial workers; without a pool, boot is done at once.
     pub(super) fn start_pool(&mut self) -> anyhow::Result<()> {
         for _ in 0..self.target {
             self.spawn_one().context("cannot start the worker pool")?;
         }
         if self.target == 0 {
-            self.start_serving()?;
+            self.boot_done()?;
         }
         Ok(())
     }
@@ -67,9 +69,13 @@ impl Arbiter {
                 Signal::SIGCHLD => self.reap_due = true,
                 Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT => {
                     match stop_action(self.phase, sig) {
-                        StopAction::Drain => self.begin_drain(sig),
+                        StopAction::Drain => {
+                            self.notify(&[notify::State::Stopping]);
+                            self.begin_drain(sig.as_ref());
+                        }
                         StopAction::StopNow => {
                             log::warn!("{sig}: stopping at once");
+                            self.notify(&[notify::State::Stopping]);
                             self.stop_now();
                         }
                         StopAction::KillNow => {
@@ -81,6 +87,8 @@ impl Arbiter {
                     }
                 }
                 Signal::SIGHUP => self.reload(),
+                // The hand-over step starts the new master.
+                Signal::SIGUSR2 => self.replace_requested = true,
                 Signal::SIGTTIN | Signal::SIGTTOU if self.accepting() && self.cfg.workers > 0 => {
                     // manage_workers starts one, or retires the oldest.
                     match resized(self.target, sig) {
@@ -114,15 +122,17 @@ impl Arbiter {
         log::info!("SIGHUP: replacing {n} workers");
     }
 
-    /// TERM/INT: stop reading, and let every worker answer what it holds
-    /// (its request pipe closes once its queued frames are written).
-    fn begin_drain(&mut self, sig: Signal) {
+    /// TERM/INT, or handed over to a new master: stop reading, and let
+    /// every worker answer what it holds (its request pipe closes once its
+    /// queued frames are written). `why` starts the log line.
+    pub(super) fn begin_drain(&mut self, why: &str) {
         log::info!(
-            "{sig}: draining {} workers (graceful timeout {:?})",
+            "{why}: draining {} workers (graceful timeout {:?})",
             self.slots.len(),
             self.cfg.graceful_timeout
         );
         self.stop_reading();
+        self.group.leave();
         self.phase = Phase::Draining {
             deadline: Instant::now() + self.cfg.graceful_timeout,
         };
@@ -138,6 +148,7 @@ impl Arbiter {
     /// the deadline gets `KILL`.
     fn stop_now(&mut self) {
         self.stop_reading();
+        self.group.leave();
         self.phase = Phase::Stopping {
             kill_at: Instant::now() + QUIT_GRACE,
         };
@@ -150,9 +161,20 @@ impl Arbiter {
         }
     }
 
-    fn stop_reading(&mut self) {
+    /// Takes the socket out of the loop's wait set (it may be out already:
+    /// a master that handed over took it out then).
+    pub(super) fn stop_reading(&mut self) {
         if matches!(self.phase, Phase::Running) {
             let _ = self.epoll.delete(self.responder.socket.as_fd());
+        }
+    }
+
+    /// Tells the service manager `states`, unless this master is not the
+    /// service's main process: it has handed over, or (started by `USR2`)
+    /// has not taken over yet.
+    pub(super) fn notify(&self, states: &[notify::State]) {
+        if self.handed_over_to.is_none() && self.predecessor.is_none() {
+            notify::send(states);
         }
     }
 
@@ -164,7 +186,7 @@ impl Arbiter {
         match self.phase {
             Phase::Booting { deadline } => {
                 if self.slots.iter().all(|s| s.state == SlotState::Ready) {
-                    self.start_serving()?;
+                    self.boot_done()?;
                 } else if now >= deadline {
                     bail!(
                         "workers ({}) did not report ready within {} s",
@@ -200,12 +222,54 @@ impl Arbiter {
                     };
                 }
             }
+            Phase::Standby { deadline } => {
+                if now >= deadline {
+                    bail!(
+                        "master {} did not hand over the socket within {:?} of this one's workers \
+                         being ready",
+                        self.predecessor.as_ref().map_or(0, |p| p.pid),
+                        self.cfg.handover_timeout
+                    );
+                }
+            }
             Phase::Running | Phase::Stopped => {}
         }
         Ok(())
     }
 
-    fn start_serving(&mut self) -> anyhow::Result<()> {
+    /// The initial workers are ready: serve, or, in a master started by
+    /// `USR2`, tell the old master and wait for its `go`.
+    fn boot_done(&mut self) -> anyhow::Result<()> {
+        let Some(predecessor) = &self.predecessor else {
+            return self.start_serving();
+        };
+        let from = predecessor.pid;
+        if let Err(e) = predecessor.say_ready() {
+            // It is gone, or gave up on this one: the hand-over step reads
+            // the closed channel and finds out which.
+            log::warn!("cannot tell master {from} this one is ready: {e}");
+        }
+        self.epoll
+            .add(
+                predecessor.channel(),
+                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_HANDOVER),
+            )
+            .context("epoll_ctl")?;
+        self.phase = Phase::Standby {
+            deadline: Instant::now() + self.cfg.handover_timeout,
+        };
+        log::info!(
+            "{}; waiting for master {from} to hand over the socket",
+            match self.slots.len() {
+                0 => "ready (no pool)".to_owned(),
+                n => format!("{n} workers ready"),
+            }
+        );
+        Ok(())
+    }
+
+    /// Starts reading the socket.
+    pub(super) fn start_serving(&mut self) -> anyhow::Result<()> {
         self.phase = Phase::Running;
         self.epoll
             .add(
@@ -213,22 +277,29 @@ impl Arbiter {
                 EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_UDP),
             )
             .context("epoll_ctl")?;
+        self.group.start()?;
         let pids: Vec<String> = self.slots.iter().map(|s| s.pid.to_string()).collect();
+        let addr = self
+            .local_addr()
+            .map_or_else(|_| self.cfg.bind.to_string(), |a| a.to_string());
+        let pool = match self.cfg.workers {
+            0 => "no pool: answering inline".to_owned(),
+            n => format!("{n} workers"),
+        };
         log::info!(
-            "listening on {} with {} (pid {}{})",
-            self.local_addr()
-                .map_or_else(|_| self.cfg.bind.to_string(), |a| a.to_string()),
-            match self.cfg.workers {
-                0 => "no pool: answering inline".to_owned(),
-                n => format!("{n} workers"),
-            },
+            "listening on {addr} with {pool} (pid {}{}; {})",
             self.master_pid,
             if pids.is_empty() {
                 String::new()
             } else {
                 format!("; workers {}", pids.join(" "))
-            }
+            },
+            self.socket_origin
         );
+        self.notify(&[
+            notify::State::Ready,
+            notify::State::Status(&format!("listening on {addr} with {pool}")),
+        ]);
         Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! Datagrams in, and the answers the master gives itself: `stats`,
-//! `too_large`, inline mode, and the errors of requests it cannot place;
-//! the causal links (`"hlc"`) trusted datagrams carry.
+//! `members`, `too_large`, replays from the duplicate request cache,
+//! inline mode, and the errors of requests it cannot place; the causal
+//! links (`"hlc"`) trusted datagrams carry.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -8,8 +9,9 @@ use std::time::Instant;
 use protocol::answer::{self, Effect, Verdict};
 use protocol::{ErrorCode, Op, Outcome, ReplyContext, Request};
 
-use super::{Arbiter, Phase, QUEUE_CAP, RECV_BATCH, RECV_ROUNDS};
+use super::{Arbiter, QUEUE_CAP, RECV_BATCH, RECV_ROUNDS};
 use crate::clock::Clock;
+use crate::dedup::Check;
 use crate::guard::Admission;
 use crate::journal;
 use crate::ledger::{Ledger, Responder, Totals};
@@ -18,15 +20,17 @@ use crate::pool::{InFlight, Receipt};
 impl Arbiter {
     /// Reads queued datagrams (a bounded number per turn, and none while
     /// [`QUEUE_CAP`] requests wait for a worker: the kernel's queue holds
-    /// the rest). `stats`, oversized datagrams and, with `--workers 0`,
-    /// every request are answered here; the others are queued for dispatch.
+    /// the rest). `stats`, oversized datagrams, retries the duplicate
+    /// request cache knows (dropped while their request runs, answered
+    /// from the cache after) and, with `--workers 0`, every request are
+    /// answered here; the others are queued for dispatch.
     ///
     /// The datagrams of one `recvmmsg` share one receipt: one wall time and
     /// one HLC stamp. A trusted datagram carrying a causal link moves the
     /// clock past it first ([`follow_link`]); it and those after it in the
     /// batch get a new stamp.
     pub(super) fn read_datagrams(&mut self, now: Instant) {
-        if !self.ready.datagrams || !matches!(self.phase, Phase::Running) {
+        if !self.ready.datagrams || !self.reading() {
             return;
         }
         for _ in 0..RECV_ROUNDS {
@@ -113,10 +117,63 @@ impl Arbiter {
                                 .record(d.from, receipt, Op::Stats, None, outcome, id, now);
                             continue;
                         }
+                        if p.request == Ok(Request::Members) {
+                            // Anyone may ask (clients discover servers
+                            // with it), held to the amplification bound:
+                            // a client pads its request.
+                            let body = crate::group::members_json(&self.group, self.service_addr());
+                            let outcome = answer_members(
+                                &mut self.responder,
+                                &body,
+                                d.from,
+                                (p.dialect, p.id),
+                                reply_limit,
+                            );
+                            let id = p.id.unwrap_or("").as_bytes();
+                            self.ledger.record(
+                                d.from,
+                                receipt,
+                                Op::Members,
+                                None,
+                                outcome,
+                                id,
+                                now,
+                            );
+                            continue;
+                        }
                     }
                 }
+                // The duplicate request cache: a retry is dropped while its
+                // request runs, and gets the kept reply once it has run.
+                let dedup = match self.dedup.enabled() {
+                    true => protocol::request::scan_id(d.payload),
+                    false => None,
+                };
+                let dedup = match dedup.map(|id| (id, self.dedup.check(d.from, id, d.payload, now)))
+                {
+                    None | Some((_, Check::Uncached)) => None,
+                    Some((_, Check::New(token))) => Some(token),
+                    Some((id, Check::InProgress)) => {
+                        self.ledger.record(
+                            d.from,
+                            receipt,
+                            Op::Invalid,
+                            None,
+                            Outcome::Duplicate,
+                            id,
+                            now,
+                        );
+                        continue;
+                    }
+                    Some((id, Check::Replay { op, reply })) => {
+                        let outcome = self.responder.replay(reply, reply_limit, d.from);
+                        self.ledger
+                            .record(d.from, receipt, op, None, outcome, id, now);
+                        continue;
+                    }
+                };
                 if self.cfg.workers == 0 {
-                    answer_inline(
+                    let done = answer_inline(
                         &mut self.responder,
                         &mut self.ledger,
                         self.master_pid,
@@ -124,6 +181,14 @@ impl Arbiter {
                         d.payload,
                         reply_limit,
                     );
+                    if let Some(token) = dedup {
+                        match (done, self.responder.batch.last()) {
+                            (Some((op, outcome)), Some(reply)) if outcome.sent() => {
+                                self.dedup.complete(token, op, outcome, reply, now)
+                            }
+                            _ => self.dedup.forget(token),
+                        }
+                    }
                     continue;
                 }
                 let req = InFlight {
@@ -134,6 +199,7 @@ impl Arbiter {
                     reply_limit,
                     payload: self.ledger.keep_payload(d.payload),
                     redispatched: false,
+                    dedup,
                 };
                 self.next_seq += 1;
                 self.dispatcher.push(req, ErrorCode::Busy);
@@ -171,8 +237,26 @@ impl Arbiter {
     }
 
     /// Answers `req` with an error made by the master, counts and journals
-    /// it, and recycles its buffer.
+    /// it, and recycles its buffer. The duplicate request cache keeps a
+    /// `timeout` or `worker_crashed` reply (the request ran, at least in
+    /// part: a retry gets the same answer rather than running it again,
+    /// and crashing or hanging a worker again); it forgets a `busy` or
+    /// `shutting_down` one, which asks the client to try again.
     pub(super) fn fail(&mut self, req: InFlight, code: ErrorCode, now: Instant) {
+        let token = req.dedup;
+        let (op, outcome) = self.fail_reply(req, code, now);
+        if let Some(token) = token {
+            let keep = matches!(code, ErrorCode::Timeout | ErrorCode::WorkerCrashed);
+            match self.responder.batch.last() {
+                Some(reply) if keep && outcome.sent() => {
+                    self.dedup.complete(token, op, outcome, reply, now)
+                }
+                _ => self.dedup.forget(token),
+            }
+        }
+    }
+
+    fn fail_reply(&mut self, req: InFlight, code: ErrorCode, now: Instant) -> (Op, Outcome) {
         let timeout_msg;
         let msg = match code {
             ErrorCode::Busy => "every worker is full; try again shortly",
@@ -187,7 +271,7 @@ impl Arbiter {
             }
             _ => code.as_str(),
         };
-        self.ledger.fail(&mut self.responder, req, code, msg, now);
+        self.ledger.fail(&mut self.responder, req, code, msg, now)
     }
 }
 
@@ -229,8 +313,27 @@ fn answer_stats(
     Outcome::Ok
 }
 
+/// `members`: answered by the master at once, held to the source's bound.
+fn answer_members(
+    responder: &mut Responder,
+    body: &serde_json::Map<String, serde_json::Value>,
+    to: SocketAddr,
+    (dialect, id): (protocol::Dialect, Option<&str>),
+    reply_limit: u32,
+) -> Outcome {
+    responder.ensure_room();
+    let buf = responder.batch.next_buf();
+    protocol::reply::write_json_ok(Op::Members, body, id, buf);
+    let outcome = protocol::bound_reply(Outcome::Ok, dialect, id, reply_limit as usize, buf);
+    if outcome.sent() {
+        responder.batch.commit(to);
+    }
+    outcome
+}
+
 /// `--workers 0`: the master answers with the same function a worker uses
-/// (the reply held to its source's bound);
+/// (the reply held to its source's bound), and says how (the reply is the
+/// batch's last when it was sent);
 /// its loop never blocks and never aborts, so `sleep` and `crash` are
 /// refused (`disabled`).
 fn answer_inline(
@@ -240,7 +343,7 @@ fn answer_inline(
     (client, receipt): (SocketAddr, Receipt),
     payload: &[u8],
     reply_limit: u32,
-) {
+) -> Option<(Op, Outcome)> {
     let ctx = ReplyContext {
         worker_pid: pid,
         client,
@@ -248,7 +351,7 @@ fn answer_inline(
     // The inline host never fails and never abandons a request.
     let host = &mut InlineHost(responder);
     let Ok(Some(done)) = answer::answer(payload, &ctx, reply_limit as usize, host) else {
-        return;
+        return None;
     };
     if done.outcome.sent() {
         responder.batch.commit(client);
@@ -262,6 +365,7 @@ fn answer_inline(
         done.id,
         Instant::now(),
     );
+    Some((done.op, done.outcome))
 }
 
 /// The master as the host of inline answers.

@@ -32,6 +32,20 @@ pub(super) fn stats_json(a: &Arbiter, now: Instant) -> serde_json::Map<String, s
         (j.shed_rows(), j.written_rows(), j.shed_cluster_events())
     });
     let clock = &a.cfg.clock;
+    let d = &a.dedup;
+    let limits = d.limits();
+    let dedup = json!({
+        "window_s": limits.window.as_secs_f64(),
+        "max_entries": if d.enabled() { limits.entries } else { 0 },
+        "max_bytes": if d.enabled() { limits.bytes } else { 0 },
+        "entries": d.entries(),
+        "bytes": d.bytes(),
+        "replayed": t.replayed,
+        "dropped_in_progress": t.duplicates,
+        "evicted": d.evicted,
+        "expired": d.expired,
+        "replaced": d.replaced,
+    });
     let body = json!({
         "master_pid": a.master_pid,
         // The causal link a client may carry to another server (`"hlc"`):
@@ -68,6 +82,7 @@ pub(super) fn stats_json(a: &Arbiter, now: Instant) -> serde_json::Map<String, s
             "journal_shed": shed,
             "journal_cluster_shed": cluster_shed,
         },
+        "dedup": dedup,
     });
     match body {
         Value::Object(m) => m,

@@ -20,7 +20,8 @@ use crate::spawn::spawn_worker;
 impl Arbiter {
     /// Reads what the workers whose completion pipe is readable wrote:
     /// READY (the worker serves), STOPPING (it got TERM: `manage_workers`
-    /// retires it), DONE (a request answered: counted and journaled), and
+    /// retires it), DONE (a request answered: counted and journaled, its
+    /// reply kept by the duplicate request cache if it came back), and
     /// the end of the stream (the worker is gone: reaping settles it).
     pub(super) fn read_completions(&mut self) {
         let now = Instant::now();
@@ -70,6 +71,7 @@ impl Arbiter {
                         op,
                         outcome,
                         id,
+                        reply,
                     })) => {
                         let Some(pos) = slot.inflight.iter().position(|r| r.seq == seq) else {
                             log::warn!("worker {pid} reported unknown request {seq}");
@@ -77,6 +79,12 @@ impl Arbiter {
                         };
                         let req = slot.inflight.remove(pos).expect("position is in range");
                         slot.served += 1;
+                        if let Some(token) = req.dedup {
+                            match reply {
+                                Some(reply) => self.dedup.complete(token, op, outcome, reply, now),
+                                None => self.dedup.forget(token),
+                            }
+                        }
                         self.ledger.record(
                             req.client,
                             req.received,
@@ -117,6 +125,10 @@ impl Arbiter {
                 };
                 if let Some(slot) = self.slots.iter_mut().find(|s| s.pid == exit.pid) {
                     slot.exit = Some(exit);
+                } else if let Some(s) = self.successor.as_mut().filter(|s| s.pid == exit.pid) {
+                    // A master started by USR2 that ended before it was
+                    // ready: the hand-over step rolls back.
+                    s.exit = Some(exit);
                 }
             }
         }

@@ -9,7 +9,7 @@ use num_bigint::BigInt;
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-use protocol::request::{may_be_stats, peek_id};
+use protocol::request::{may_be_stats, peek_id, scan_id};
 use protocol::{
     parse, write_reply, Dialect, ErrorCode, Op, Outcome, ReplyContext, Request, MAX_UDP_PAYLOAD,
 };
@@ -148,16 +148,17 @@ pub fn check_datagram(datagram: &[u8], ctx: &ReplyContext) -> Vec<u8> {
     assert_eq!(peek_id(datagram), (parsed.dialect, parsed.id));
     if let Ok(r) = &parsed.request {
         assert_eq!(parsed.op(), r.op());
-        if *r == Request::Stats {
+        if matches!(r, Request::Stats | Request::Members) {
             assert!(
                 may_be_stats(datagram),
-                "stats request missed by may_be_stats"
+                "stats or members request missed by may_be_stats"
             );
         }
     }
     if dialect == Dialect::Text {
         assert_eq!(parsed.id, None);
     }
+    check_scan_id(datagram, parsed.id, &parsed.request);
 
     let mut out = vec![b'x'; 3];
     let outcome = write_reply(&parsed, ctx, &mut out);
@@ -193,7 +194,11 @@ pub fn check_datagram(datagram: &[u8], ctx: &ReplyContext) -> Vec<u8> {
             match outcome {
                 Outcome::Ok => assert!(reply.ok),
                 Outcome::Error(code) => assert_eq!(reply.error, Some(code)),
-                Outcome::NoReply | Outcome::Withheld | Outcome::Dropped => unreachable!(),
+                Outcome::NoReply
+                | Outcome::Withheld
+                | Outcome::Dropped
+                | Outcome::Replayed
+                | Outcome::Duplicate => unreachable!(),
             }
             assert_eq!(reply.worker_pid, Some(ctx.worker_pid));
             let want = expected_id(datagram);
@@ -211,4 +216,40 @@ pub fn check_datagram(datagram: &[u8], ctx: &ReplyContext) -> Vec<u8> {
         }
     }
     out
+}
+
+/// `scan_id` (the master's cache key) against the parser: the same id
+/// whenever both have one; none only where the key is spelled with escapes;
+/// one the parser lacks only where the parser gave up on the JSON itself.
+fn check_scan_id(
+    datagram: &[u8],
+    parsed_id: Option<&str>,
+    request: &Result<Request<'_>, protocol::ProtocolError>,
+) {
+    let scanned = scan_id(datagram);
+    if let Some(x) = scanned {
+        let range = datagram.as_ptr_range();
+        assert!(
+            range.contains(&x.as_ptr()) && x.as_ptr_range().end <= range.end,
+            "scan_id must return a part of the datagram"
+        );
+        assert!(!x.is_empty());
+    }
+    match (scanned, parsed_id) {
+        (Some(x), Some(y)) => assert_eq!(x, y.as_bytes(), "scan_id of {datagram:?}"),
+        (None, Some(y)) => assert!(
+            datagram.contains(&b'\\'),
+            "scan_id missed the id {y} of {datagram:?}"
+        ),
+        (Some(x), None) => {
+            let gave_up = matches!(request, Err(e) if e.code == ErrorCode::BadRequest
+                && (e.message.starts_with("malformed JSON") || e.message.contains("UTF-8")));
+            assert!(
+                gave_up,
+                "scan_id found {:?} in {datagram:?}, which the parser read without an id",
+                String::from_utf8_lossy(x)
+            );
+        }
+        (None, None) => {}
+    }
 }

@@ -12,8 +12,8 @@
 use std::net::SocketAddr;
 
 use protocol::frame::{
-    decode_to_master, decode_to_worker, encode_done, encode_ready, encode_request, encode_stopping,
-    FrameBuf, FrameError, ToMaster, ToWorker,
+    decode_to_master, decode_to_worker, encode_done, encode_done_with_reply, encode_ready,
+    encode_request, encode_stopping, FrameBuf, FrameError, ToMaster, ToWorker,
 };
 use protocol::{Op, Outcome};
 
@@ -23,6 +23,7 @@ enum Frame {
     Request {
         seq: u64,
         reply_limit: u32,
+        keep_reply: bool,
         client: SocketAddr,
         payload: Vec<u8>,
     },
@@ -37,6 +38,7 @@ enum Frame {
         op: Op,
         outcome: Outcome,
         id: Vec<u8>,
+        reply: Option<Vec<u8>>,
     },
 }
 
@@ -45,12 +47,14 @@ impl Frame {
         let ToWorker::Request {
             seq,
             reply_limit,
+            keep_reply,
             client,
             payload,
         } = f;
         Frame::Request {
             seq,
             reply_limit,
+            keep_reply,
             client,
             payload: payload.to_vec(),
         }
@@ -65,11 +69,13 @@ impl Frame {
                 op,
                 outcome,
                 id,
+                reply,
             } => Frame::Done {
                 seq,
                 op,
                 outcome,
                 id: id.to_vec(),
+                reply: reply.map(<[u8]>::to_vec),
             },
         }
     }
@@ -79,9 +85,10 @@ impl Frame {
             Frame::Request {
                 seq,
                 reply_limit,
+                keep_reply,
                 client,
                 payload,
-            } => encode_request(*seq, *reply_limit, *client, payload, out),
+            } => encode_request(*seq, *reply_limit, *keep_reply, *client, payload, out),
             Frame::Ready { pid } => encode_ready(*pid, out),
             Frame::Stopping { pid } => encode_stopping(*pid, out),
             Frame::Done {
@@ -89,7 +96,15 @@ impl Frame {
                 op,
                 outcome,
                 id,
+                reply: None,
             } => encode_done(*seq, *op, *outcome, id, out),
+            Frame::Done {
+                seq,
+                op,
+                outcome,
+                id,
+                reply: Some(reply),
+            } => encode_done_with_reply(*seq, *op, *outcome, id, reply, out),
         }
     }
 }
