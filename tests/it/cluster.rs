@@ -1041,3 +1041,93 @@ fn cluster_events_of_three_journals_merge_in_causal_order_though_one_clock_is_2_
         views.len()
     );
 }
+
+/// `USR2` to a member of a group: a successor would need the cluster port
+/// this master holds (or, bound elsewhere, be a new member with an empty
+/// log), so the master refuses, says why in one line, starts nothing and
+/// serves on: no request is lost and the group is unchanged.
+#[test]
+fn usr2_to_a_member_is_refused_in_one_line_and_nothing_is_lost() {
+    let _g = harness::shared();
+    let s1 = start_member("127.0.0.1", &[], &[]);
+    let s2 = start_member("127.0.0.2", &[s1.cluster], &[]);
+    let servers = [&s1.server, &s2.server];
+    let (before, _) = wait_for(
+        "two servers formed",
+        Duration::from_secs(6),
+        &servers,
+        || agreement(&servers, 2),
+    );
+    let addr = s1.server.addr().to_string();
+    let mut cmd = Command::new(bin("loadgen"));
+    cmd.args([
+        "--server",
+        &addr,
+        "--sockets",
+        "2",
+        "--rate",
+        "300",
+        "--duration",
+        "3",
+        "--json",
+        "--quiet",
+    ]);
+    let load = std::thread::spawn(move || {
+        let (out, in_time) = run_with_deadline(&mut cmd, Duration::from_secs(60));
+        (out, in_time, cmd)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = s1.server.pid();
+    let workers = s1.server.worker_pids();
+    s1.server.signal(nix::sys::signal::Signal::SIGUSR2);
+    s1.server
+        .wait_until("the USR2 is refused", Duration::from_secs(10), |s| {
+            s.log().contains("SIGUSR2 ignored: a member of a group")
+        });
+    let (out, in_time, cmd) = load.join().expect("the load thread");
+    let r = report(&out, &cmd);
+    let log = s1.server.log();
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("SIGUSR2 ignored"))
+        .collect();
+    eprintln!(
+        "cluster: USR2 to a member: sent {} answered {} lost {}; {refusals:?}",
+        n(&r, "sent"),
+        n(&r, "answered"),
+        n(&r, "lost")
+    );
+    s1.server.check(
+        refusals.len() == 1 && refusals[0].contains(&format!("cluster port {}", s1.cluster)),
+        || "one line, naming the cluster port".into(),
+    );
+    s1.server
+        .check(!log.contains("SIGUSR2: started master"), || {
+            "no new master is started".into()
+        });
+    s1.server.check(
+        s1.server.poll_exit().is_none()
+            && s1.server.stats()["master_pid"] == pid
+            && s1.server.worker_pids() == workers,
+        || "the master and its workers serve on".into(),
+    );
+    assert!(
+        in_time
+            && out.status.success()
+            && n(&r, "sent") > 0
+            && n(&r, "lost") == 0
+            && n(&r, "answered") == n(&r, "sent"),
+        "no request may go unanswered\n{}",
+        describe(&cmd, &out)
+    );
+    let (after, _) = wait_for(
+        "the group is unchanged",
+        Duration::from_secs(3),
+        &servers,
+        || agreement(&servers, 2),
+    );
+    assert_eq!(
+        (after.view, after.term, after.coordinator),
+        (before.view, before.term, before.coordinator)
+    );
+}
