@@ -9,7 +9,7 @@ use std::io::Read;
 use std::net::SocketAddr;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, Context};
 use serde_json::{json, Map, Value};
@@ -147,7 +147,11 @@ impl Group {
         service: SocketAddr,
         journal: Option<ClusterJournal>,
     ) -> anyhow::Result<Group> {
-        let node = opts.cluster_addr.to_string();
+        // The journal names this server by its bound cluster port (with
+        // `--cluster-addr IP:0`, the port the kernel chose), known once
+        // bound and before the thread, the only source of events, starts.
+        let node = Arc::new(OnceLock::new());
+        let named = node.clone();
         let cfg = cluster::Config {
             cluster_addr: opts.cluster_addr,
             service_addr: advertised(service, opts.cluster_addr),
@@ -159,12 +163,15 @@ impl Group {
             // Lifecycle lines, and the journal's `cluster_events`.
             on_event: Box::new(move |e| {
                 log::info!("{e}");
-                if let Some((j, row)) = journal.as_ref().zip(journal_row(&node, e)) {
+                let node = named.get().map_or("", String::as_str);
+                if let Some((j, row)) = journal.as_ref().zip(journal_row(node, e)) {
                     j.record(row);
                 }
             }),
         };
-        Ok(Group::Bound(Box::new(cluster::bind(cfg)?)))
+        let bound = cluster::bind(cfg)?;
+        let _ = node.set(bound.local_addr()?.to_string());
+        Ok(Group::Bound(Box::new(bound)))
     }
 
     /// Starts the cluster thread (once the pool serves: a member is

@@ -93,6 +93,19 @@ impl Arbiter {
             log::warn!("SIGUSR2 ignored: this master is not serving");
             return;
         }
+        // A successor would bind this master's cluster port (held) or
+        // another one (and, with no --join, found a group of its own), and
+        // would be a new member with an empty Raft log either way: a member
+        // is upgraded by stopping it and starting the new binary.
+        if let Some(g) = &self.cfg.group {
+            let port = self.group.published().map_or(g.cluster_addr, |p| p.cluster);
+            log::warn!(
+                "SIGUSR2 ignored: a member of a group (cluster port {port}) is not replaced in \
+                 place; stop it (TERM) and start the new binary, the group admits it again \
+                 (docs/CLUSTER.md); this master keeps serving"
+            );
+            return;
+        }
         let path = &self.cfg.master_path;
         let started = replace::start_successor(
             path,
