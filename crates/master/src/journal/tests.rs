@@ -53,13 +53,21 @@ fn open_creates_the_schema() {
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
     assert_eq!(mode, "wal");
-    for table in ["requests", "workers", "journal_events"] {
+    for table in ["request_rows", "workers", "journal_events"] {
         let n = count(
             &conn,
             &format!("SELECT count(*) FROM sqlite_schema WHERE type='table' AND name='{table}'"),
         );
         assert_eq!(n, 1, "table {table}");
     }
+    // Requests are read through a view that adds the readable times.
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT count(*) FROM sqlite_schema WHERE type='view' AND name='requests'"
+        ),
+        1
+    );
     assert_eq!(
         count(
             &conn,
@@ -412,6 +420,7 @@ fn a_version_1_journal_is_migrated_with_its_ids_as_values() {
             "cluster_events",
             "journal_events",
             "meta",
+            "request_rows",
             "requests",
             "requests_ts",
             "sqlite_autoindex_meta_1",
