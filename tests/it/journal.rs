@@ -991,9 +991,9 @@ fn report_per_worker_p99_is_not_above_the_max_latency() {
     let write = || -> rusqlite::Result<()> {
         let conn = Connection::open(&j.path)?;
         // Only this row: the `stats` requests of `wait_pool` are gone.
-        conn.execute("DELETE FROM requests", [])?;
+        conn.execute("DELETE FROM request_rows", [])?;
         conn.execute(
-            "INSERT INTO requests (ts_us, client, request_id, op, worker_pid, outcome, latency_us) \
+            "INSERT INTO request_rows (ts_us, client, request_id, op, worker_pid, outcome, latency_us) \
              VALUES (?1, '127.0.0.1:9', 1, 'square', ?2, 'ok', 853)",
             rusqlite::params![now_us(), pid],
         )?;

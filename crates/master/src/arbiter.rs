@@ -268,7 +268,12 @@ impl Arbiter {
             ),
             dedup: Dedup::new(cfg.dedup),
             slots: Vec::new(),
-            dispatcher: Dispatcher::default(),
+            // Keep a turn's requests together unless a request may block.
+            dispatcher: if cfg.fault_injection {
+                Dispatcher::spreading()
+            } else {
+                Dispatcher::default()
+            },
             refused: Vec::new(),
             target: cfg.workers,
             next_serial: 0,

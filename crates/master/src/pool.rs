@@ -261,16 +261,43 @@ pub const BUSY_AFTER: Duration = Duration::from_millis(2);
 /// and a `sendmmsg` of its own: a short batch kept together costs one of
 /// each instead of one per worker, and a long batch is still spread in
 /// runs of this size, so every worker gets its share under load.
+///
+/// Only where every request is short work: with `--enable-fault-injection`
+/// a `sleep` would hold the requests kept behind it in the same worker
+/// while others sit idle, so there each request goes to the least-loaded
+/// worker on its own ([`Dispatcher::spreading`]).
 pub const KEEP_TOGETHER: usize = 16;
 
 /// Requests waiting for a worker, oldest first, and the round-robin cursor.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Dispatcher {
     queue: VecDeque<Pending>,
     rr: usize,
+    /// Requests of one turn placed on one worker before the next is
+    /// chosen: [`KEEP_TOGETHER`], or 1 when requests may be long.
+    run: usize,
+}
+
+impl Default for Dispatcher {
+    fn default() -> Dispatcher {
+        Dispatcher {
+            queue: VecDeque::new(),
+            rr: 0,
+            run: KEEP_TOGETHER,
+        }
+    }
 }
 
 impl Dispatcher {
+    /// A dispatcher that gives each request to the least-loaded worker
+    /// on its own (requests may block: `sleep` with fault injection).
+    pub fn spreading() -> Dispatcher {
+        Dispatcher {
+            run: 1,
+            ..Dispatcher::default()
+        }
+    }
+
     /// Queues `req`; `if_unplaced` is the error it gets if no worker takes it.
     pub fn push(&mut self, req: InFlight, if_unplaced: ErrorCode) {
         self.queue.push_back(Pending {
@@ -291,7 +318,8 @@ impl Dispatcher {
     }
 
     /// Places waiting requests, oldest first, while some worker has room,
-    /// in runs of up to [`KEEP_TOGETHER`] on the least-loaded worker;
+    /// in runs of up to [`KEEP_TOGETHER`] (or 1: [`Dispatcher::spreading`])
+    /// on the least-loaded worker;
     /// returns how many were placed. The rest found every worker full: each
     /// waits up to [`BUSY_AFTER`] for room (completions free slots within
     /// microseconds under normal load), longer only while the pool is
@@ -311,7 +339,7 @@ impl Dispatcher {
         let mut run: Option<(usize, usize)> = None;
         while !self.queue.is_empty() {
             let i = match run {
-                Some((i, n)) if n < KEEP_TOGETHER && slots[i].takes_work(max_inflight) => i,
+                Some((i, n)) if n < self.run && slots[i].takes_work(max_inflight) => i,
                 _ => match choose(slots, self.rr, max_inflight) {
                     Some(i) => i,
                     None => break,
@@ -588,6 +616,20 @@ mod tests {
         let held: Vec<usize> = slots.iter().map(|s| s.inflight.len()).collect();
         assert_eq!(held, [6, KEEP_TOGETHER, KEEP_TOGETHER, KEEP_TOGETHER]);
         assert_eq!(d.len(), 3);
+    }
+
+    #[test]
+    fn a_spreading_dispatcher_gives_each_request_the_least_loaded_worker() {
+        let t = Instant::now();
+        let mut slots: Vec<_> = (0..4).map(|s| slot(s, SlotState::Ready, 0)).collect();
+        let mut d = Dispatcher::spreading();
+        let mut refused = Vec::new();
+        for seq in 0..6 {
+            d.push(req(seq, t), ErrorCode::Busy);
+        }
+        assert_eq!(d.place(&mut slots, 128, t, false, &mut refused), 6);
+        let held: Vec<usize> = slots.iter().map(|s| s.inflight.len()).collect();
+        assert_eq!(held, [2, 2, 1, 1]);
     }
 
     #[test]
