@@ -158,6 +158,12 @@ fn the_same_id_three_times_runs_once_and_every_reply_is_the_same_bytes() {
         || format!("reply to the sleep: {first:?}"),
     );
     // The retry after the reply: the same bytes again, without running it.
+    // (The worker replies before the master reads its completion; a retry
+    // in between would still find the request running and be dropped, as
+    // nfsd drops one, so the test waits for the master to have the reply.)
+    s.wait_until("the master has the reply", EVENTUALLY, |s| {
+        in_flight(s) == 0
+    });
     c.send(req);
     let third = c
         .recv(Duration::from_secs(5))
@@ -474,7 +480,11 @@ fn replays_to_an_untrusted_source_count_against_its_rate_limit() {
     let first = sock.recv(&mut buf).map(|k| buf[..k].to_vec());
     s.check(first.is_ok(), || format!("no first reply: {first:?}"));
     // Four retries at once: the one token left answers one; the rest are
-    // over the limit like any datagram.
+    // over the limit like any datagram. (Once the master has read the
+    // completion: a retry before that finds the request running.)
+    s.wait_until("the master has the reply", EVENTUALLY, |s| {
+        in_flight(s) == 0
+    });
     for _ in 0..4 {
         sock.send(req).expect("send");
     }
