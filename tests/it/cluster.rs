@@ -235,6 +235,22 @@ fn threads_and_sockets(pid: u32) -> (usize, usize) {
     (threads, sockets)
 }
 
+/// Starts `loadgen ARGS --json --quiet` on a thread (at most 60 s) and
+/// gives it a second to get going; join the handle for its output, whether
+/// it ended in time, and the command (for messages).
+fn load_in_background(
+    args: &[&str],
+) -> std::thread::JoinHandle<(std::process::Output, bool, Command)> {
+    let mut cmd = Command::new(bin("loadgen"));
+    cmd.args(args).args(["--json", "--quiet"]);
+    let load = std::thread::spawn(move || {
+        let (out, in_time) = run_with_deadline(&mut cmd, Duration::from_secs(60));
+        (out, in_time, cmd)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    load
+}
+
 #[test]
 fn without_cluster_addr_nothing_more_runs_and_members_names_this_server() {
     let _g = harness::shared();
@@ -353,8 +369,7 @@ fn a_sigkilled_server_is_marked_down_and_clients_fail_over_losing_nothing() {
     let _g = harness::exclusive();
     let (mut group, a) = three(&[]);
     let seed = group[0].server.addr().to_string();
-    let mut cmd = Command::new(bin("loadgen"));
-    cmd.args([
+    let load = load_in_background(&[
         "--discover",
         &seed,
         "--policy",
@@ -369,14 +384,7 @@ fn a_sigkilled_server_is_marked_down_and_clients_fail_over_losing_nothing() {
         "1",
         "--timeout-ms",
         "200",
-        "--json",
-        "--quiet",
     ]);
-    let load = std::thread::spawn(move || {
-        let (out, in_time) = run_with_deadline(&mut cmd, Duration::from_secs(60));
-        (out, in_time, cmd)
-    });
-    std::thread::sleep(Duration::from_secs(1));
     // Kill a server that is not the coordinator.
     let victim_at = group
         .iter()
@@ -463,8 +471,7 @@ fn a_server_joining_under_load_serves_within_3s_and_nothing_is_lost() {
     let _g = harness::exclusive();
     let (group, _) = three(&[]);
     let seed = group[0].server.addr().to_string();
-    let mut cmd = Command::new(bin("loadgen"));
-    cmd.args([
+    let load = load_in_background(&[
         "--discover",
         &seed,
         "--policy",
@@ -479,14 +486,7 @@ fn a_server_joining_under_load_serves_within_3s_and_nothing_is_lost() {
         "1",
         "--timeout-ms",
         "200",
-        "--json",
-        "--quiet",
     ]);
-    let load = std::thread::spawn(move || {
-        let (out, in_time) = run_with_deadline(&mut cmd, Duration::from_secs(60));
-        (out, in_time, cmd)
-    });
-    std::thread::sleep(Duration::from_secs(1));
     let started = Instant::now();
     let s4 = start_member("127.0.0.4", &[group[1].cluster], &[]);
     let s4_addr = s4.server.addr().to_string();
@@ -1059,8 +1059,7 @@ fn usr2_to_a_member_is_refused_in_one_line_and_nothing_is_lost() {
         || agreement(&servers, 2),
     );
     let addr = s1.server.addr().to_string();
-    let mut cmd = Command::new(bin("loadgen"));
-    cmd.args([
+    let load = load_in_background(&[
         "--server",
         &addr,
         "--sockets",
@@ -1069,14 +1068,7 @@ fn usr2_to_a_member_is_refused_in_one_line_and_nothing_is_lost() {
         "300",
         "--duration",
         "3",
-        "--json",
-        "--quiet",
     ]);
-    let load = std::thread::spawn(move || {
-        let (out, in_time) = run_with_deadline(&mut cmd, Duration::from_secs(60));
-        (out, in_time, cmd)
-    });
-    std::thread::sleep(Duration::from_secs(1));
     let pid = s1.server.pid();
     let workers = s1.server.worker_pids();
     s1.server.signal(nix::sys::signal::Signal::SIGUSR2);

@@ -10,56 +10,23 @@
 //! from `stats`' `dedup` object.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::Signal;
 use rusqlite::{Connection, OpenFlags};
 use serde_json::Value;
-use tempfile::TempDir;
 
 use crate::harness::{
-    self, bin, describe, rss_kib, run_with_deadline, with_id, Client, Load, Server,
+    self, bin, describe, rss_kib, run_with_deadline, with_id, Client, Journaled, Load, Server,
 };
 
 /// Waits that end as soon as their condition holds.
 const EVENTUALLY: Duration = Duration::from_secs(10);
 
-/// A master with its journal in a temporary directory of its own.
-struct Journaled {
-    // Dropped first: the master's process group dies before its files go.
-    server: Server,
-    path: PathBuf,
-    _dir: TempDir,
-}
-
 impl Journaled {
-    fn start(args: &[&str]) -> Journaled {
-        let dir = TempDir::new().expect("temp dir");
-        let path = dir.path().join("j.db");
-        let text = path.to_str().expect("a UTF-8 temp path").to_owned();
-        let mut full = vec!["--journal", text.as_str()];
-        full.extend_from_slice(args);
-        Journaled {
-            server: Server::start(&full),
-            path,
-            _dir: dir,
-        }
-    }
-
-    /// SIGTERM and an exit 0: every row is in the journal.
-    fn stop(&self) {
-        let s = &self.server;
-        s.signal(Signal::SIGTERM);
-        let status = s.wait_exit(Duration::from_secs(20));
-        s.check(status.is_some_and(|st| st.success()), || {
-            format!("after SIGTERM: expected exit 0, got {status:?}")
-        });
-    }
-
     /// `(op, worker_pid, outcome)` of every row of request id `id` (as
     /// stored: a string id's text), in journal order.
     fn rows(&self, id: &str) -> Vec<(String, Option<u32>, String)> {

@@ -1033,3 +1033,39 @@ impl Rng {
         self.0
     }
 }
+
+/// A master whose journal is `j.db` in a temporary directory of its own, so
+/// the path is absolute and the file can be read after the master is gone.
+pub struct Journaled {
+    // Dropped first: the master's process group dies before its files go.
+    pub server: Server,
+    pub path: PathBuf,
+    _dir: TempDir,
+}
+
+impl Journaled {
+    /// Starts `master --journal <tempdir>/j.db ARGS` and waits for it to serve.
+    pub fn start(args: &[&str]) -> Journaled {
+        let dir = TempDir::new().expect("temp dir");
+        let path = dir.path().join("j.db");
+        let text = path.to_str().expect("a UTF-8 temp path").to_owned();
+        let mut full = vec!["--journal", text.as_str()];
+        full.extend_from_slice(args);
+        let server = Server::start(&full);
+        Journaled {
+            server,
+            path,
+            _dir: dir,
+        }
+    }
+
+    /// SIGTERM and an exit 0: every row is in the journal.
+    pub fn stop(&self) {
+        let s = &self.server;
+        s.signal(Signal::SIGTERM);
+        let status = s.wait_exit(Duration::from_secs(20));
+        s.check(status.is_some_and(|st| st.success()), || {
+            format!("after SIGTERM: expected exit 0, got {status:?}")
+        });
+    }
+}

@@ -21,7 +21,9 @@ use rusqlite::{Connection, OpenFlags, Params};
 use serde_json::Value;
 use tempfile::TempDir;
 
-use crate::harness::{self, bin, describe, run_with_deadline, Load, Many, Reply, Server};
+use crate::harness::{
+    self, bin, describe, run_with_deadline, Journaled, Load, Many, Reply, Server,
+};
 
 /// A graceful stop flushes the journal within this.
 const STOP_DEADLINE: Duration = Duration::from_secs(10);
@@ -31,32 +33,6 @@ const EVENTUALLY: Duration = Duration::from_secs(10);
 const COMMAND_DEADLINE: Duration = Duration::from_secs(10);
 
 // ----- helpers --------------------------------------------------------------
-
-/// A master whose journal is `j.db` in a temporary directory of its own, so
-/// the path is absolute and the file can be read after the master is gone.
-struct Journaled {
-    // Dropped first: the master's process group dies before its files go.
-    server: Server,
-    path: PathBuf,
-    _dir: TempDir,
-}
-
-impl Journaled {
-    /// Starts `master --journal <tempdir>/j.db ARGS` and waits for it to serve.
-    fn start(args: &[&str]) -> Journaled {
-        let dir = TempDir::new().expect("temp dir");
-        let path = dir.path().join("j.db");
-        let text = path.to_str().expect("a UTF-8 temp path").to_owned();
-        let mut full = vec!["--journal", text.as_str()];
-        full.extend_from_slice(args);
-        let server = Server::start(&full);
-        Journaled {
-            server,
-            path,
-            _dir: dir,
-        }
-    }
-}
 
 /// The current time as unix microseconds, the journal's unit.
 fn now_us() -> i64 {

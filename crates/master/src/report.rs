@@ -524,26 +524,7 @@ impl Report {
             None => writeln!(out, "requests   {}", self.requests)?,
         }
         writeln!(out, "shed rows  {}", self.shed_rows)?;
-        if let Some(l) = self.latency {
-            writeln!(
-                out,
-                "latency    p50 {}  p90 {}  p99 {}  max {}",
-                human_us(l.p50),
-                human_us(l.p90),
-                human_us(l.p99),
-                human_us(l.max)
-            )?;
-        }
-
-        if !self.outcomes.is_empty() {
-            writeln!(out)?;
-            let mut table = Table::new(["OUTCOME", "COUNT", "SHARE"], [false, true, true]);
-            for (code, n) in &self.outcomes {
-                table.push([code.clone(), n.to_string(), percent(self.share(*n))]);
-            }
-            table.write(out)?;
-        }
-        Ok(())
+        write_latency_and_outcomes(out, self.latency, &self.outcomes, |n| self.share(n))
     }
 
     /// The worker table of [`Report::write_text`].
@@ -597,6 +578,35 @@ fn attribute(workers: &[WorkerLine], rows: &[usize], ts: i64) -> usize {
             None => true,
         })
         .unwrap_or(rows[0])
+}
+
+/// The latency line and the outcome table of a text report (one journal's
+/// or the merged one's).
+fn write_latency_and_outcomes(
+    out: &mut dyn Write,
+    latency: Option<Latency>,
+    outcomes: &[(String, u64)],
+    share: impl Fn(u64) -> f64,
+) -> io::Result<()> {
+    if let Some(l) = latency {
+        writeln!(
+            out,
+            "latency    p50 {}  p90 {}  p99 {}  max {}",
+            human_us(l.p50),
+            human_us(l.p90),
+            human_us(l.p99),
+            human_us(l.max)
+        )?;
+    }
+    if !outcomes.is_empty() {
+        writeln!(out)?;
+        let mut table = Table::new(["OUTCOME", "COUNT", "SHARE"], [false, true, true]);
+        for (code, n) in outcomes {
+            table.push([code.clone(), n.to_string(), percent(share(*n))]);
+        }
+        table.write(out)?;
+    }
+    Ok(())
 }
 
 /// Outcome counts, most frequent first.

@@ -621,25 +621,7 @@ impl Merged {
         writeln!(out, "requests   {}", self.requests())?;
         let shed: u64 = self.sources.iter().map(|s| s.report.shed_rows).sum();
         writeln!(out, "shed rows  {shed}")?;
-        if let Some(l) = self.latency() {
-            writeln!(
-                out,
-                "latency    p50 {}  p90 {}  p99 {}  max {}",
-                human_us(l.p50),
-                human_us(l.p90),
-                human_us(l.p99),
-                human_us(l.max)
-            )?;
-        }
-        let outcomes = self.outcomes();
-        if !outcomes.is_empty() {
-            writeln!(out)?;
-            let mut table = Table::new(["OUTCOME", "COUNT", "SHARE"], [false, true, true]);
-            for (code, n) in &outcomes {
-                table.push([code.clone(), n.to_string(), percent(self.share(*n))]);
-            }
-            table.write(out)?;
-        }
+        write_latency_and_outcomes(out, self.latency(), &self.outcomes(), |n| self.share(n))?;
         writeln!(out)?;
         let mut table = Table::new(
             [
