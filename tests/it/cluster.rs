@@ -1052,11 +1052,13 @@ fn usr2_to_a_member_is_refused_in_one_line_and_nothing_is_lost() {
     let s1 = start_member("127.0.0.1", &[], &[]);
     let s2 = start_member("127.0.0.2", &[s1.cluster], &[]);
     let servers = [&s1.server, &s2.server];
+    // Settled: both admitted and promoted to voters, so that no view
+    // change is still on its way when the signal comes.
     let (before, _) = wait_for(
-        "two servers formed",
+        "two servers formed, both voters",
         Duration::from_secs(6),
         &servers,
-        || agreement(&servers, 2),
+        || agreement(&servers, 2).filter(|a| a.voters == 2),
     );
     let addr = s1.server.addr().to_string();
     let load = load_in_background(&[
