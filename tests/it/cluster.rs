@@ -235,6 +235,28 @@ fn threads_and_sockets(pid: u32) -> (usize, usize) {
     (threads, sockets)
 }
 
+/// [`load_in_background`] at 300 requests/s for 4 s over 3 sockets spread
+/// round-robin over the servers `loadgen --discover SEED` finds, each
+/// request retried once after 200 ms before it fails over.
+fn load_discovering(seed: &str) -> std::thread::JoinHandle<(std::process::Output, bool, Command)> {
+    load_in_background(&[
+        "--discover",
+        seed,
+        "--policy",
+        "round-robin",
+        "--sockets",
+        "3",
+        "--rate",
+        "300",
+        "--duration",
+        "4",
+        "--retries",
+        "1",
+        "--timeout-ms",
+        "200",
+    ])
+}
+
 /// Starts `loadgen ARGS --json --quiet` on a thread (at most 60 s) and
 /// gives it a second to get going; join the handle for its output, whether
 /// it ended in time, and the command (for messages).
@@ -369,22 +391,7 @@ fn a_sigkilled_server_is_marked_down_and_clients_fail_over_losing_nothing() {
     let _g = harness::exclusive();
     let (mut group, a) = three(&[]);
     let seed = group[0].server.addr().to_string();
-    let load = load_in_background(&[
-        "--discover",
-        &seed,
-        "--policy",
-        "round-robin",
-        "--sockets",
-        "3",
-        "--rate",
-        "300",
-        "--duration",
-        "4",
-        "--retries",
-        "1",
-        "--timeout-ms",
-        "200",
-    ]);
+    let load = load_discovering(&seed);
     // Kill a server that is not the coordinator.
     let victim_at = group
         .iter()
@@ -471,22 +478,7 @@ fn a_server_joining_under_load_serves_within_3s_and_nothing_is_lost() {
     let _g = harness::exclusive();
     let (group, _) = three(&[]);
     let seed = group[0].server.addr().to_string();
-    let load = load_in_background(&[
-        "--discover",
-        &seed,
-        "--policy",
-        "round-robin",
-        "--sockets",
-        "3",
-        "--rate",
-        "300",
-        "--duration",
-        "4",
-        "--retries",
-        "1",
-        "--timeout-ms",
-        "200",
-    ]);
+    let load = load_discovering(&seed);
     let started = Instant::now();
     let s4 = start_member("127.0.0.4", &[group[1].cluster], &[]);
     let s4_addr = s4.server.addr().to_string();
