@@ -63,6 +63,10 @@ const RECV_ROUNDS: usize = 8;
 const QUEUE_CAP: usize = RECV_BATCH * RECV_ROUNDS;
 /// How long the initial workers have to report ready.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often, at most, the pipes of idle workers are read when no turn
+/// woken by a timeout or a signal did (their pipes do not wake the master:
+/// [`pool::completions_wake`]).
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
 /// How long workers sent `QUIT` (stop at once) have before `KILL`.
 const QUIT_GRACE: Duration = Duration::from_secs(1);
 
@@ -202,6 +206,10 @@ pub struct Arbiter {
     predecessor: Option<Predecessor>,
     /// The group of servers, if any (its thread starts once serving).
     group: Group,
+    /// Places the workers' SENT_AT times on the master's clock.
+    monotonic: supervise::Monotonic,
+    /// When the idle workers' completion pipes are read next at the latest.
+    next_sweep: Instant,
 }
 
 impl Arbiter {
@@ -292,6 +300,8 @@ impl Arbiter {
             handed_over_to: None,
             predecessor,
             group,
+            monotonic: supervise::Monotonic::now(),
+            next_sweep: now,
             cfg,
         })
     }
@@ -327,6 +337,7 @@ impl Arbiter {
             self.read_datagrams(now); // stats, too_large, inline answered; the rest queued
             self.dispatch(now); // queued requests to workers; busy, shutting_down
             self.flush_requests(); // write request pipes; close those of retiring workers
+            self.arm_completions(); // which completion pipes wake the master
             self.responder.send(); // the master's own replies, without blocking
             self.ledger.flush_journal(); // rows to the journal's writer thread
         }
@@ -365,6 +376,23 @@ impl Arbiter {
                 // step writes every outbox.
                 token if (token - FIRST_WORKER_TOKEN) % 2 == 1 => {}
                 token => ready.completions.push((token - FIRST_WORKER_TOKEN) / 2),
+            }
+        }
+        // The pipes that do not wake the master ([`pool::completions_wake`]):
+        // those of workers holding requests at every turn, idle ones at
+        // turns a signal or a timeout woke, and at least every SWEEP_EVERY.
+        let now = Instant::now();
+        let sweep = n == 0 || ready.signals || now >= self.next_sweep;
+        if sweep {
+            self.next_sweep = now + SWEEP_EVERY;
+        }
+        for s in &self.slots {
+            if s.completions.is_some()
+                && !s.wakes
+                && (sweep || !s.inflight.is_empty())
+                && !ready.completions.contains(&s.serial)
+            {
+                ready.completions.push(s.serial);
             }
         }
         Ok(())

@@ -122,6 +122,11 @@ pub struct WorkerSlot {
     /// How it ended, once reaped; it is settled when its completions have
     /// also been read to the end.
     pub exit: Option<ChildExit>,
+    /// Whether its completion pipe wakes the master ([`completions_wake`]).
+    pub wakes: bool,
+    /// When the replies of the completions being read left the worker
+    /// (its last SENT_AT frame, on the master's clock).
+    pub sent_at: Option<Instant>,
 }
 
 impl WorkerSlot {
@@ -153,6 +158,8 @@ impl WorkerSlot {
             request_limit,
             timed_out: None,
             exit: None,
+            wakes: true,
+            sent_at: None,
         }
     }
 
@@ -218,6 +225,21 @@ impl WorkerSlot {
             SlotState::Killed(_) => "killed",
         }
     }
+}
+
+/// Whether a worker's completion pipe should wake the master from
+/// `epoll_wait`. Not while it simply serves: the master reads the pipe of
+/// every worker holding requests at each turn anyway, and is woken by the
+/// datagrams that keep it busy, so a completion costs the worker no
+/// wake-up of the master (and the master no extra turn); an idle worker's
+/// pipe is read at turns woken by a signal or a timeout, and at least every
+/// 100 ms. It does wake the master while the master waits for it:
+/// `master_waits` (requests queued for room, or the master is not
+/// reading: booting, draining, stopping, handed over), and for a worker
+/// booting (READY), retiring or killed (its end of stream), asked to stop
+/// (STOPPING) or reaped.
+pub fn completions_wake(slot: &WorkerSlot, master_waits: bool) -> bool {
+    master_waits || slot.state != SlotState::Ready || slot.stop_requested || slot.exit.is_some()
 }
 
 // ----- dispatch ---------------------------------------------------------------
@@ -528,6 +550,32 @@ mod tests {
             redispatched: false,
             dedup: None,
         }
+    }
+
+    #[test]
+    fn completions_wake_the_master_only_when_it_waits_for_them() {
+        // A ready worker, idle or busy, does not wake a master that serves.
+        assert!(!completions_wake(&slot(0, SlotState::Ready, 0), false));
+        assert!(!completions_wake(&slot(0, SlotState::Ready, 5), false));
+        // It does while requests wait for room, or the master does not read.
+        assert!(completions_wake(&slot(0, SlotState::Ready, 5), true));
+        // Booting (READY), retiring or killed (their end of stream).
+        assert!(completions_wake(&slot(0, SlotState::Booting, 0), false));
+        let retiring = SlotState::Retiring(ExitReason::Retired);
+        assert!(completions_wake(&slot(0, retiring, 3), false));
+        let killed = SlotState::Killed(ExitReason::TimeoutKill);
+        assert!(completions_wake(&slot(0, killed, 1), false));
+        // Asked to stop (STOPPING), or reaped.
+        let mut stopping = slot(0, SlotState::Ready, 0);
+        stopping.stop_requested = true;
+        assert!(completions_wake(&stopping, false));
+        let mut reaped = slot(0, SlotState::Ready, 2);
+        reaped.exit = Some(ChildExit {
+            pid: reaped.pid,
+            code: None,
+            signal: Some(9),
+        });
+        assert!(completions_wake(&reaped, false));
     }
 
     #[test]

@@ -16,6 +16,8 @@
 //!                   exits once the master closes its request pipe)
 //!   kind 6 DONE_REPLY seq:u64 op:u8 outcome:u8 id_len:u8 id:[id_len]
 //!                   reply:rest (the reply exactly as sent; empty if none was)
+//!   kind 7 SENT_AT  mono_us:u64 (the replies of the DONE and DONE_REPLY
+//!                   frames that follow left at this CLOCK_MONOTONIC time)
 //! ```
 //!
 //! Several frames travel in one pipe write. [`FrameBuf`] accumulates what a
@@ -40,6 +42,9 @@ const KIND_DONE: u8 = 3;
 const KIND_STOPPING: u8 = 4;
 const KIND_REQUEST_KEEP: u8 = 5;
 const KIND_DONE_REPLY: u8 = 6;
+const KIND_SENT_AT: u8 = 7;
+/// The length of a SENT_AT frame, prefix included.
+pub const SENT_AT_LEN: usize = 4 + 1 + 8;
 
 /// A pipe stream that does not follow the framing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -106,6 +111,14 @@ pub enum ToMaster<'a> {
         /// was sent (empty when none was); `None` otherwise.
         reply: Option<&'a [u8]>,
     },
+    /// The replies of the DONE frames that follow (until the next SENT_AT)
+    /// left the worker at this time: the request's end, as the journal's
+    /// latency counts it (the master may read the completions later).
+    SentAt {
+        /// `CLOCK_MONOTONIC`, in microseconds (the same clock in every
+        /// process of the host).
+        mono_us: u64,
+    },
 }
 
 /// Appends a REQUEST frame to `out` (a REQUEST_KEEP with `keep_reply`:
@@ -163,6 +176,25 @@ fn encode_pid_frame(kind: u8, pid: u32, out: &mut Vec<u8>) {
     out.extend_from_slice(&5u32.to_be_bytes());
     out.push(kind);
     out.extend_from_slice(&pid.to_be_bytes());
+}
+
+/// Appends a SENT_AT frame to `out`. A worker appends one, stamped 0,
+/// before the first DONE of a batch, and sets its time with
+/// [`stamp_sent_at`] once the batch's replies have left.
+pub fn encode_sent_at(mono_us: u64, out: &mut Vec<u8>) {
+    out.extend_from_slice(&9u32.to_be_bytes());
+    out.push(KIND_SENT_AT);
+    out.extend_from_slice(&mono_us.to_be_bytes());
+}
+
+/// Sets the time of the SENT_AT frame at `at` in `buf` (where
+/// [`encode_sent_at`] put it).
+///
+/// # Panics
+/// When `buf` has no SENT_AT frame at `at`.
+pub fn stamp_sent_at(buf: &mut [u8], at: usize, mono_us: u64) {
+    assert_eq!(buf[at + 4], KIND_SENT_AT, "no SENT_AT frame at {at}");
+    buf[at + 5..at + SENT_AT_LEN].copy_from_slice(&mono_us.to_be_bytes());
 }
 
 /// Appends a DONE frame to `out`; an id over [`MAX_DONE_ID`] bytes is cut.
@@ -348,6 +380,14 @@ pub fn decode_to_master(buf: &[u8]) -> Result<Option<(ToMaster<'_>, usize)>, Fra
                 id,
                 reply: Some(f.0),
             }
+        }
+        KIND_SENT_AT => {
+            let mut f = Fields(body, "sent_at");
+            let mono_us = u64::from_be_bytes(f.array()?);
+            if !f.0.is_empty() {
+                return Err(FrameError::Malformed("sent_at"));
+            }
+            ToMaster::SentAt { mono_us }
         }
         other => return Err(FrameError::UnknownKind(other)),
     };
@@ -535,6 +575,35 @@ mod tests {
             }
         );
         assert_eq!(used + used2 + used3 + used4, wire.len());
+    }
+
+    #[test]
+    fn a_sent_at_frame_is_stamped_in_place() {
+        let mut wire = Vec::new();
+        encode_ready(42, &mut wire);
+        let at = wire.len();
+        encode_sent_at(0, &mut wire);
+        assert_eq!(wire.len() - at, SENT_AT_LEN);
+        encode_done(9, Op::Square, Outcome::Ok, b"", &mut wire);
+        stamp_sent_at(&mut wire, at, 0x0102_0304_0506_0708);
+        assert_eq!(
+            wire[at..at + SENT_AT_LEN],
+            [0, 0, 0, 9, 7, 1, 2, 3, 4, 5, 6, 7, 8]
+        );
+        let (_, used) = decode_to_master(&wire).unwrap().unwrap();
+        let (f, _) = decode_to_master(&wire[used..]).unwrap().unwrap();
+        assert_eq!(
+            f,
+            ToMaster::SentAt {
+                mono_us: 0x0102_0304_0506_0708
+            }
+        );
+        // A SENT_AT of another length is malformed.
+        let bad = [0, 0, 0, 8, 7, 1, 2, 3, 4, 5, 6, 7];
+        assert_eq!(
+            decode_to_master(&bad),
+            Err(FrameError::Malformed("sent_at"))
+        );
     }
 
     /// Bytes written as docs/PROTOCOL.md shows them: hex pairs, spaces.

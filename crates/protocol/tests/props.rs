@@ -24,7 +24,8 @@ use proptest::sample::select;
 
 use protocol::frame::{
     decode_to_master, decode_to_worker, encode_done, encode_done_with_reply, encode_ready,
-    encode_request, encode_stopping, FrameBuf, FrameError, ToMaster, ToWorker, MAX_DONE_ID,
+    encode_request, encode_sent_at, encode_stopping, FrameBuf, FrameError, ToMaster, ToWorker,
+    MAX_DONE_ID,
 };
 use protocol::request::scan_id;
 use protocol::{
@@ -530,6 +531,7 @@ enum MasterFrame {
     Ready(u32),
     Stopping(u32),
     Done(u64, Op, Outcome, Vec<u8>, Option<Vec<u8>>),
+    SentAt(u64),
 }
 
 fn all_outcomes() -> Vec<Outcome> {
@@ -568,6 +570,7 @@ fn master_frame() -> impl Strategy<Value = MasterFrame> {
     prop_oneof![
         any::<u32>().prop_map(MasterFrame::Ready),
         any::<u32>().prop_map(MasterFrame::Stopping),
+        any::<u64>().prop_map(MasterFrame::SentAt),
         (
             any::<u64>(),
             select(Op::ALL.to_vec()),
@@ -612,6 +615,7 @@ fn encode_master(frames: &[MasterFrame]) -> (Vec<u8>, Vec<usize>) {
             MasterFrame::Done(seq, op, outcome, id, Some(reply)) => {
                 encode_done_with_reply(*seq, *op, *outcome, id, reply, &mut wire)
             }
+            MasterFrame::SentAt(mono_us) => encode_sent_at(*mono_us, &mut wire),
         }
         ends.push(wire.len());
     }
@@ -661,6 +665,7 @@ fn take_master(fb: &mut FrameBuf) -> Result<Option<MasterFrame>, FrameError> {
             id,
             reply,
         } => MasterFrame::Done(seq, op, outcome, id.to_vec(), reply.map(<[u8]>::to_vec)),
+        ToMaster::SentAt { mono_us } => MasterFrame::SentAt(mono_us),
     }))
 }
 

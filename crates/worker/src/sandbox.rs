@@ -1,5 +1,5 @@
-//! The worker's seccomp filter: once started (signals set up, READY
-//! written), a worker needs only a handful of system calls to read
+//! The worker's seccomp filter: once started (signals set up, and
+//! before it writes READY), a worker needs only a handful of system calls to read
 //! requests, answer them and stop; any other one kills it (`SIGSYS`), and
 //! the master handles that like any crash.
 //!

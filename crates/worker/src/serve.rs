@@ -16,9 +16,8 @@ use protocol::handoff::Handoff;
 const BATCH: usize = 64;
 
 /// Serves requests from the master until it closes the request pipe.
-/// Once it has started (signals set up, READY written) and before it reads
-/// a request, it confines itself to its seccomp filter if the hand-off
-/// says so.
+/// Once it has started (signals set up) and before it writes READY, it
+/// confines itself to its seccomp filter if the hand-off says so.
 ///
 /// # Errors
 /// When the master is not this process's parent, when a pipe or the socket
@@ -45,15 +44,17 @@ pub fn run(handoff: Handoff) -> anyhow::Result<()> {
         completions,
         replies: ReplyBatch::with_capacity(BATCH),
         done: Vec::with_capacity(BATCH * 32),
+        sent_at: None,
     };
-    frame::encode_ready(pid, &mut worker.done);
-    worker.flush()?;
-    log::debug!("worker {pid} ready");
     // From here on a worker only reads, computes, sends, sleeps and stops:
-    // everything it had to open or set up is done.
+    // everything it had to open or set up is done. It is confined before
+    // it says READY, so a worker the master counts as ready is filtered.
     if handoff.seccomp {
         crate::sandbox::confine().context("cannot install the seccomp filter")?;
     }
+    frame::encode_ready(pid, &mut worker.done);
+    worker.flush()?;
+    log::debug!("worker {pid} ready");
 
     let mut requests = requests;
     let mut inbox = FrameBuf::with_capacity(64 * 1024);
@@ -113,6 +114,8 @@ struct Worker {
     completions: std::fs::File,
     replies: ReplyBatch,
     done: Vec<u8>,
+    /// Where in `done` the batch's SENT_AT frame is, once it has a DONE.
+    sent_at: Option<usize>,
 }
 
 impl Worker {
@@ -136,6 +139,10 @@ impl Worker {
         let Some(done) = answer::answer(payload, &ctx, reply_limit as usize, self)? else {
             return Ok(());
         };
+        if self.sent_at.is_none() {
+            self.sent_at = Some(self.done.len());
+            frame::encode_sent_at(0, &mut self.done);
+        }
         let sent = done.outcome.sent();
         if sent {
             self.replies.commit(client);
@@ -156,12 +163,17 @@ impl Worker {
         Ok(())
     }
 
-    /// Sends the waiting replies, then reports them done: a completion never
-    /// reaches the master before its reply has left.
+    /// Sends the waiting replies, then reports them done, with the time
+    /// they left (SENT_AT): a completion never reaches the master before
+    /// its reply has left, and the master may read it later without
+    /// changing the request's latency.
     fn flush(&mut self) -> anyhow::Result<()> {
         self.replies
             .send(self.socket.as_fd())
             .context("cannot send replies")?;
+        if let Some(at) = self.sent_at.take() {
+            frame::stamp_sent_at(&mut self.done, at, monotonic_us());
+        }
         if !self.done.is_empty() {
             self.completions
                 .write_all(&self.done)
@@ -170,6 +182,16 @@ impl Worker {
         }
         Ok(())
     }
+}
+
+/// `CLOCK_MONOTONIC` in microseconds: the clock the master reads too (its
+/// `Instant`s), so that it can place the worker's times on its own.
+fn monotonic_us() -> u64 {
+    // The monotonic clock cannot fail on Linux; 0 would only make the
+    // master fall back to the time it reads the completion.
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000
+    })
 }
 
 impl Host for Worker {

@@ -2,7 +2,7 @@
 //! many there are, and starting them.
 
 use std::os::fd::{AsFd, AsRawFd};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use nix::errno::Errno;
@@ -66,6 +66,9 @@ impl Arbiter {
                         );
                         slot.stop_requested = true;
                     }
+                    Ok(Some(ToMaster::SentAt { mono_us })) => {
+                        slot.sent_at = self.monotonic.instant_of(mono_us);
+                    }
                     Ok(Some(ToMaster::Done {
                         seq,
                         op,
@@ -85,6 +88,9 @@ impl Arbiter {
                                 None => self.dedup.forget(token),
                             }
                         }
+                        // The request ended when its reply left the
+                        // worker, however late the master reads this.
+                        let ended = slot.sent_at.map_or(now, |t| t.min(now));
                         self.ledger.record(
                             req.client,
                             req.received,
@@ -92,7 +98,7 @@ impl Arbiter {
                             Some(pid),
                             outcome,
                             id,
-                            now,
+                            ended,
                         );
                         self.ledger.recycle(req.payload);
                     }
@@ -286,6 +292,33 @@ impl Arbiter {
         }
     }
 
+    /// Sets which completion pipes wake the master ([`pool::completions_wake`]):
+    /// an `epoll_ctl` only when a worker's answer changes (it starts
+    /// serving, is asked to stop, exits) or the master starts or stops
+    /// waiting for room.
+    pub(super) fn arm_completions(&mut self) {
+        let master_waits = !self.reading() || !self.dispatcher.is_empty();
+        for slot in &mut self.slots {
+            let wakes = pool::completions_wake(slot, master_waits);
+            if wakes == slot.wakes {
+                continue;
+            }
+            let Some(fd) = slot.completions.as_ref() else {
+                continue;
+            };
+            let flags = if wakes {
+                EpollFlags::EPOLLIN
+            } else {
+                EpollFlags::empty()
+            };
+            let mut event = EpollEvent::new(flags, FIRST_WORKER_TOKEN + 2 * slot.serial);
+            match self.epoll.modify(fd, &mut event) {
+                Ok(()) => slot.wakes = wakes,
+                Err(e) => log::warn!("worker {}: epoll_ctl on its completion pipe: {e}", slot.pid),
+            }
+        }
+    }
+
     /// Writes queued frames to every worker whose request pipe has room, and
     /// closes the pipe of a retiring worker once everything queued for it
     /// is written.
@@ -385,4 +418,42 @@ fn flush_slot(slot: &mut WorkerSlot) {
     if matches!(slot.state, SlotState::Retiring(_)) {
         slot.requests = None;
     }
+}
+
+/// Places a worker's `CLOCK_MONOTONIC` time (a SENT_AT frame) on the
+/// master's `Instant`s, which read the same clock: one pair of readings
+/// taken together when the master starts.
+pub(super) struct Monotonic {
+    at: Instant,
+    us: u64,
+}
+
+impl Monotonic {
+    pub(super) fn now() -> Monotonic {
+        Monotonic {
+            at: Instant::now(),
+            us: monotonic_us(),
+        }
+    }
+
+    /// The instant of `mono_us`; `None` for a time the master cannot
+    /// place (0: the worker could not read its clock).
+    pub(super) fn instant_of(&self, mono_us: u64) -> Option<Instant> {
+        if mono_us == 0 {
+            return None;
+        }
+        if mono_us >= self.us {
+            self.at
+                .checked_add(Duration::from_micros(mono_us - self.us))
+        } else {
+            self.at
+                .checked_sub(Duration::from_micros(self.us - mono_us))
+        }
+    }
+}
+
+fn monotonic_us() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000
+    })
 }

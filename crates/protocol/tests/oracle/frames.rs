@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 
 use protocol::frame::{
     decode_to_master, decode_to_worker, encode_done, encode_done_with_reply, encode_ready,
-    encode_request, encode_stopping, FrameBuf, FrameError, ToMaster, ToWorker,
+    encode_request, encode_sent_at, encode_stopping, FrameBuf, FrameError, ToMaster, ToWorker,
 };
 use protocol::{Op, Outcome};
 
@@ -39,6 +39,9 @@ enum Frame {
         outcome: Outcome,
         id: Vec<u8>,
         reply: Option<Vec<u8>>,
+    },
+    SentAt {
+        mono_us: u64,
     },
 }
 
@@ -77,6 +80,7 @@ impl Frame {
                 id: id.to_vec(),
                 reply: reply.map(<[u8]>::to_vec),
             },
+            ToMaster::SentAt { mono_us } => Frame::SentAt { mono_us },
         }
     }
 
@@ -105,6 +109,7 @@ impl Frame {
                 id,
                 reply: Some(reply),
             } => encode_done_with_reply(*seq, *op, *outcome, id, reply, out),
+            Frame::SentAt { mono_us } => encode_sent_at(*mono_us, out),
         }
     }
 }
