@@ -659,4 +659,83 @@ mod timing {
             eprintln!("dedup: {per:?} of CPU per request (scan_id, check, complete)");
         }
     }
+
+    /// Adds one to the decimal number in `digits` (no carry out of it).
+    fn increment(digits: &mut [u8]) {
+        for d in digits.iter_mut().rev() {
+            if *d == b'9' {
+                *d = b'0';
+            } else {
+                *d += 1;
+                return;
+            }
+        }
+    }
+
+    /// A fixed amount of work for an instruction counter: 1,000,000
+    /// requests with distinct ids through a full cache of the default
+    /// size, each looked up and completed as the arbiter does. The
+    /// datagrams are made by counting in place, which costs little:
+    ///
+    /// ```text
+    /// cargo test --release -p master --lib dedup_cycles --no-run
+    /// DEDUP_CYCLES=base valgrind --tool=cachegrind --cache-sim=yes \
+    ///     target/release/deps/master-<hash> --ignored --exact timing::dedup_cycles
+    /// DEDUP_CYCLES=scan ...   # plus scan_id
+    /// valgrind ...            # plus check and complete
+    /// ```
+    ///
+    /// The differences between the three runs are what `scan_id`, and
+    /// `check` with `complete`, cost.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn dedup_cycles() {
+        let mode = std::env::var("DEDUP_CYCLES").unwrap_or_default();
+        let mut d = Dedup::new(Limits {
+            window: Duration::from_secs(5),
+            entries: 16_384,
+            bytes: 8 << 20,
+            stale_after: Duration::from_secs(65),
+        });
+        let from = SocketAddr::from(([127, 0, 0, 1], 40000));
+        let mut now = Instant::now();
+        // 140k requests a second.
+        let step = Duration::from_nanos(7_143);
+        let mut payload = br#"{"op":"square","n":-10000,"id":1000000}"#.to_vec();
+        let mut reply =
+            br#"{"ok":true,"op":"square","result":100000000,"worker_pid":123456,"id":1000000}"#
+                .to_vec();
+        let (pn, pid) = (20..25, payload.len() - 8..payload.len() - 1);
+        let (rn, rid) = (34..43, reply.len() - 8..reply.len() - 1);
+        let (mut new, mut other) = (0u64, 0u64);
+        for _ in 0..1_000_000 {
+            increment(&mut payload[pid.clone()]);
+            increment(&mut payload[pn.clone()]);
+            increment(&mut reply[rid.clone()]);
+            increment(&mut reply[rn.clone()]);
+            now += step;
+            if mode == "base" {
+                std::hint::black_box((&payload, &reply, now));
+                continue;
+            }
+            let id = protocol::request::scan_id(&payload).expect("an id");
+            if mode == "scan" {
+                std::hint::black_box((id, &reply, now));
+                continue;
+            }
+            match d.check(from, id, &payload, now) {
+                Check::New(t) => {
+                    new += 1;
+                    d.complete(t, Op::Square, Outcome::Ok, &reply, now);
+                }
+                _ => other += 1,
+            }
+        }
+        std::hint::black_box(&d);
+        if mode != "base" && mode != "scan" {
+            assert_eq!((new, other), (1_000_000, 0));
+            assert_eq!(d.entries(), 16_384);
+        }
+        eprintln!("dedup_cycles ({mode:?}): {new} new, evicted {}", d.evicted);
+    }
 }
