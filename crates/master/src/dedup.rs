@@ -85,24 +85,63 @@ pub enum Check<'a> {
 enum State {
     /// Removed from the table; waits to leave the ring's front.
     Dead,
-    InProgress {
-        since: Instant,
-    },
-    Done {
-        op: Op,
-        expires: Instant,
-    },
+    /// `deadline` is when it goes stale (`stale_after` from its arrival).
+    InProgress,
+    /// `deadline` is when its window ends; `op` is what it asked.
+    Done,
 }
 
+/// One request: 64 bytes, one cache line's worth of the ring (read at
+/// eviction, and written again by the next entry).
 #[derive(Debug)]
 struct Entry {
     key_hash: u64,
     payload_hash: u64,
-    client: SocketAddr,
-    id_len: u32,
-    /// The id, then (once done) the reply.
+    /// The client's address (see [`ClientBytes`]), the id, then (once
+    /// done) the reply.
     data: Vec<u8>,
+    /// When it is over, whichever `state` it is in: one comparison to
+    /// expire it.
+    deadline: Instant,
+    /// Where the id ends in `data`, and the reply begins.
+    id_end: u32,
+    /// The length of the client's address in `data`.
+    client_len: u8,
     state: State,
+    op: Op,
+}
+
+/// A client's address as bytes, for the table's hash and an entry's
+/// buffer: 6 for IPv4 (address, port), 26 for IPv6 (address, port, flow
+/// information, scope). Two addresses are equal if and only if these are.
+struct ClientBytes {
+    bytes: [u8; 26],
+    len: usize,
+}
+
+impl ClientBytes {
+    fn new(client: SocketAddr) -> ClientBytes {
+        let mut bytes = [0; 26];
+        let len = match client {
+            SocketAddr::V4(a) => {
+                bytes[..4].copy_from_slice(&a.ip().octets());
+                bytes[4..6].copy_from_slice(&a.port().to_le_bytes());
+                6
+            }
+            SocketAddr::V6(a) => {
+                bytes[..16].copy_from_slice(&a.ip().octets());
+                bytes[16..18].copy_from_slice(&a.port().to_le_bytes());
+                bytes[18..22].copy_from_slice(&a.flowinfo().to_le_bytes());
+                bytes[22..].copy_from_slice(&a.scope_id().to_le_bytes());
+                26
+            }
+        };
+        ClientBytes { bytes, len }
+    }
+
+    fn get(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
 }
 
 /// The cache's two hash functions, keyed at random when it is made.
@@ -130,19 +169,13 @@ impl Keys {
         }
     }
 
-    /// The hash of (client, id): the client's address as one or three
-    /// numbers (few writes: SipHash pays for each), then the id's bytes.
-    fn key(&self, client: SocketAddr, id: &[u8]) -> u64 {
+    /// The hash of (client, id), in two writes (SipHash pays for each).
+    fn key(&self, client: &ClientBytes, id: &[u8]) -> u64 {
         let mut h = self.sip.build_hasher();
-        match client {
-            SocketAddr::V4(a) => {
-                h.write_u64(u64::from(a.ip().to_bits()) << 16 | u64::from(a.port()));
-            }
-            SocketAddr::V6(a) => {
-                h.write_u128(a.ip().to_bits());
-                h.write_u64(u64::from(a.port()) << 48 | u64::from(a.flowinfo()) << 16 | 1);
-                h.write_u32(a.scope_id());
-            }
+        match client.len {
+            // An IPv4 address and port: one number (its bytes 6 and 7 are 0).
+            6 => h.write_u64(u64::from_le_bytes(client.bytes[..8].try_into().unwrap())),
+            _ => h.write(client.get()),
         }
         h.write(id);
         h.finish()
@@ -171,8 +204,9 @@ pub struct Dedup {
     /// Entries, oldest first; entry number `first + i` is at `i`.
     ring: VecDeque<Entry>,
     first: u64,
-    /// The numbers of the live entries, by key hash.
-    table: HashTable<u64>,
+    /// The live entries, by key hash, as their numbers' low 32 bits
+    /// (the ring holds fewer than 2^32 entries, so these are unique).
+    table: HashTable<u32>,
     keys: Keys,
     live: usize,
     bytes: usize,
@@ -194,6 +228,10 @@ impl Dedup {
         } else {
             limits.entries
         };
+        assert!(
+            slots <= u32::MAX as usize,
+            "entry numbers are kept in 32 bits"
+        );
         Dedup {
             limits,
             ring: VecDeque::with_capacity(slots),
@@ -240,22 +278,22 @@ impl Dedup {
         now: Instant,
     ) -> Check<'_> {
         self.expire(now);
-        let key_hash = self.keys.key(client, id);
+        let client = ClientBytes::new(client);
+        let key_hash = self.keys.key(&client, id);
         let payload_hash = self.keys.payload(payload);
-        if let Some(n) = self.find(key_hash, client, id) {
-            let i = self.index(n).expect("the table holds live entries only");
-            let state = self.ring[i].state;
-            if self.ring[i].payload_hash != payload_hash {
+        if let Some(i) = self.find(key_hash, &client, id) {
+            let e = &self.ring[i];
+            if e.payload_hash != payload_hash {
                 self.replaced += 1;
                 self.kill(i);
             } else {
-                match state {
-                    State::InProgress { .. } => return Check::InProgress,
-                    State::Done { op, expires } if now < expires => {
+                match e.state {
+                    State::InProgress => return Check::InProgress,
+                    State::Done if now < e.deadline => {
                         let e = &self.ring[i];
                         return Check::Replay {
-                            op,
-                            reply: &e.data[e.id_len as usize..],
+                            op: e.op,
+                            reply: &e.data[e.id_end as usize..],
                         };
                     }
                     _ => {
@@ -265,7 +303,7 @@ impl Dedup {
                 }
             }
         }
-        match self.insert(key_hash, payload_hash, client, id, now) {
+        match self.insert(key_hash, payload_hash, &client, id, now) {
             Some(token) => Check::New(token),
             None => Check::Uncached,
         }
@@ -279,10 +317,10 @@ impl Dedup {
         let Some(i) = self.index(token) else {
             return;
         };
-        if !matches!(self.ring[i].state, State::InProgress { .. }) {
+        if self.ring[i].state != State::InProgress {
             return;
         }
-        if !outcome.sent() || self.ring[i].id_len as usize + reply.len() > self.limits.bytes {
+        if !outcome.sent() || self.ring[i].id_end as usize + reply.len() > self.limits.bytes {
             self.kill(i);
             return;
         }
@@ -290,10 +328,9 @@ impl Dedup {
         let before = e.data.capacity();
         e.data.reserve_exact(reply.len());
         e.data.extend_from_slice(reply);
-        e.state = State::Done {
-            op,
-            expires: now + self.limits.window,
-        };
+        e.state = State::Done;
+        e.op = op;
+        e.deadline = now + self.limits.window;
         self.bytes = self.bytes - before + e.data.capacity();
         while self.bytes > self.limits.bytes {
             if self.first == token {
@@ -308,7 +345,7 @@ impl Dedup {
     /// `shutting_down`): its entry is dropped, so a retry runs.
     pub fn forget(&mut self, token: Token) {
         if let Some(i) = self.index(token) {
-            if matches!(self.ring[i].state, State::InProgress { .. }) {
+            if self.ring[i].state == State::InProgress {
                 self.kill(i);
             }
         }
@@ -320,28 +357,30 @@ impl Dedup {
     /// window itself); the bounds still apply to all.
     pub fn expire(&mut self, now: Instant) {
         while let Some(front) = self.ring.front() {
-            let over = match front.state {
-                State::Dead => true,
-                State::Done { expires, .. } => now >= expires,
-                State::InProgress { since } => {
-                    now.saturating_duration_since(since) >= self.limits.stale_after
-                }
-            };
-            if !over {
+            if front.state != State::Dead && now < front.deadline {
                 break;
             }
             self.pop_front(Cause::Expired);
         }
     }
 
-    fn find(&self, key_hash: u64, client: SocketAddr, id: &[u8]) -> Option<u64> {
-        let (ring, first) = (&self.ring, self.first);
+    /// The ring position of entry number `n`, as the table keeps it.
+    fn position(&self, n: u32) -> usize {
+        n.wrapping_sub(self.first as u32) as usize
+    }
+
+    /// The ring position of the live entry for (client, id).
+    fn find(&self, key_hash: u64, client: &ClientBytes, id: &[u8]) -> Option<usize> {
+        let (client, id_end) = (client.get(), client.len + id.len());
         self.table
             .find(key_hash, |&n| {
-                let e = &ring[(n - first) as usize];
-                e.client == client && &e.data[..e.id_len as usize] == id
+                let e = &self.ring[self.position(n)];
+                e.id_end as usize == id_end
+                    && usize::from(e.client_len) == client.len()
+                    && &e.data[..client.len()] == client
+                    && &e.data[client.len()..id_end] == id
             })
-            .copied()
+            .map(|&n| self.position(n))
     }
 
     /// The ring position of entry `token`, if it is still there.
@@ -354,15 +393,16 @@ impl Dedup {
         &mut self,
         key_hash: u64,
         payload_hash: u64,
-        client: SocketAddr,
+        client: &ClientBytes,
         id: &[u8],
         now: Instant,
     ) -> Option<Token> {
+        let id_end = client.len + id.len();
         let mut data = match self.spare.pop() {
-            Some(buf) if buf.capacity() >= id.len() => buf,
-            _ => Vec::with_capacity(ENTRY_CAPACITY.max(id.len())),
+            Some(buf) if buf.capacity() >= id_end => buf,
+            _ => Vec::with_capacity(ENTRY_CAPACITY.max(id_end)),
         };
-        if data.capacity() > self.limits.bytes {
+        if data.capacity() > self.limits.bytes || id_end > u32::MAX as usize {
             return None;
         }
         while !self.ring.is_empty()
@@ -372,6 +412,11 @@ impl Dedup {
             self.pop_front(Cause::Evicted);
         }
         data.clear();
+        // Copies of a constant length: no call to memcpy.
+        match client.len {
+            6 => data.extend_from_slice(&client.bytes[..6]),
+            _ => data.extend_from_slice(&client.bytes),
+        }
         data.extend_from_slice(id);
         let token = self.first + self.ring.len() as u64;
         self.bytes += data.capacity();
@@ -379,14 +424,17 @@ impl Dedup {
         self.ring.push_back(Entry {
             key_hash,
             payload_hash,
-            client,
-            id_len: id.len() as u32,
             data,
-            state: State::InProgress { since: now },
+            deadline: now + self.limits.stale_after,
+            id_end: id_end as u32,
+            client_len: client.len as u8,
+            state: State::InProgress,
+            op: Op::Invalid,
         });
-        let (ring, first) = (&self.ring, self.first);
-        self.table
-            .insert_unique(key_hash, token, |&n| ring[(n - first) as usize].key_hash);
+        let (ring, first) = (&self.ring, self.first as u32);
+        self.table.insert_unique(key_hash, token as u32, |&n| {
+            ring[n.wrapping_sub(first) as usize].key_hash
+        });
         Some(token)
     }
 
@@ -394,14 +442,14 @@ impl Dedup {
     /// frees its bytes; it stays in the ring, dead, until it reaches the
     /// front.
     fn kill(&mut self, i: usize) {
-        let token = self.first + i as u64;
+        let n = (self.first + i as u64) as u32;
         let e = &mut self.ring[i];
         if e.state == State::Dead {
             return;
         }
         e.state = State::Dead;
         let data = std::mem::take(&mut e.data);
-        if let Ok(slot) = self.table.find_entry(e.key_hash, |&n| n == token) {
+        if let Ok(slot) = self.table.find_entry(e.key_hash, |&m| m == n) {
             slot.remove();
         }
         self.live -= 1;
