@@ -85,9 +85,9 @@ pub enum Check<'a> {
 enum State {
     /// Removed from the table; waits to leave the ring's front.
     Dead,
-    /// `deadline` is when it goes stale (`stale_after` from its arrival).
+    /// `at` is when its request arrived.
     InProgress,
-    /// `deadline` is when its window ends; `op` is what it asked.
+    /// `at` is when its window ends; `op` is what it asked.
     Done,
 }
 
@@ -100,9 +100,8 @@ struct Entry {
     /// The client's address (see [`ClientBytes`]), the id, then (once
     /// done) the reply.
     data: Vec<u8>,
-    /// When it is over, whichever `state` it is in: one comparison to
-    /// expire it.
-    deadline: Instant,
+    /// See [`State`].
+    at: Instant,
     /// Where the id ends in `data`, and the reply begins.
     id_end: u32,
     /// The length of the client's address in `data`.
@@ -289,7 +288,7 @@ impl Dedup {
             } else {
                 match e.state {
                     State::InProgress => return Check::InProgress,
-                    State::Done if now < e.deadline => {
+                    State::Done if now < e.at => {
                         let e = &self.ring[i];
                         return Check::Replay {
                             op: e.op,
@@ -330,7 +329,7 @@ impl Dedup {
         e.data.extend_from_slice(reply);
         e.state = State::Done;
         e.op = op;
-        e.deadline = now + self.limits.window;
+        e.at = now + self.limits.window;
         self.bytes = self.bytes - before + e.data.capacity();
         while self.bytes > self.limits.bytes {
             if self.first == token {
@@ -357,7 +356,16 @@ impl Dedup {
     /// window itself); the bounds still apply to all.
     pub fn expire(&mut self, now: Instant) {
         while let Some(front) = self.ring.front() {
-            if front.state != State::Dead && now < front.deadline {
+            let over = match front.state {
+                State::Dead => true,
+                State::Done => now >= front.at,
+                // Rare at the front: a request in progress for long.
+                State::InProgress => front
+                    .at
+                    .checked_add(self.limits.stale_after)
+                    .is_some_and(|stale| now >= stale),
+            };
+            if !over {
                 break;
             }
             self.pop_front(Cause::Expired);
@@ -425,7 +433,7 @@ impl Dedup {
             key_hash,
             payload_hash,
             data,
-            deadline: now + self.limits.stale_after,
+            at: now,
             id_end: id_end as u32,
             client_len: client.len as u8,
             state: State::InProgress,
@@ -516,6 +524,13 @@ mod tests {
         assert!(d.ring.len() <= d.limits.entries);
         assert!(d.bytes <= d.limits.bytes);
         assert!(d.spare.len() <= SPARE_BUFFERS);
+        // Every live entry's number is in the table under its key's hash.
+        for (i, e) in d.ring.iter().enumerate() {
+            if e.state != State::Dead {
+                let n = (d.first + i as u64) as u32;
+                assert!(d.table.find(e.key_hash, |&m| m == n).is_some());
+            }
+        }
     }
 
     #[test]
