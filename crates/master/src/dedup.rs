@@ -16,13 +16,17 @@
 //!
 //! Entries live in a ring, oldest first, with a hash table of their
 //! positions: eviction is first in, first out, and memory is bounded by
-//! construction: at most `entries` entries, at most `bytes` bytes of ids
-//! and replies (counted by the capacity of their buffers), and a done
-//! entry is forgotten `window` after its reply. Buffers are recycled, so a
-//! steady stream of requests allocates nothing here. The table hashes with
-//! a random key (SipHash), so forged datagrams cannot aim at one bucket;
-//! the datagram's hash, compared but never a bucket, is foldhash with a
-//! random key (a fraction of SipHash's cost).
+//! construction: at most `entries` entries (64 bytes each), at most
+//! `bytes` bytes of ids and replies (counted by the capacity of their
+//! buffers, which also hold the client's address, 6 or 26 bytes), and a
+//! done entry is forgotten `window` after its reply. Buffers are recycled,
+//! so a steady stream of requests allocates nothing here. The table hashes
+//! with a random key (SipHash), so forged datagrams cannot aim at one
+//! bucket; the datagram's hash, compared but never a bucket, is foldhash
+//! with a random key (a fraction of SipHash's cost; see `Keys`).
+//!
+//! What a request costs here is counted by `timing::dedup_cycles` (an
+//! ignored test, run under cachegrind: see docs/PERFORMANCE.md).
 //!
 //! Nothing here does I/O or reads a clock: the arbiter passes `now`.
 
@@ -145,13 +149,19 @@ impl ClientBytes {
 
 /// The cache's two hash functions, keyed at random when it is made.
 ///
-/// The key's hash picks the table's bucket, so it is SipHash (std's,
+/// The key's hash picks the table's bucket, so it is SipHash-1-3 (std's,
 /// keyed from the operating system's random source), which forged
 /// datagrams cannot aim at one bucket with. The datagram's hash is only
-/// compared for equality, beside an entry found by its key; it is
-/// foldhash, several times cheaper, keyed from the same random source: a
-/// forger who does not know the key cannot make a datagram that passes
-/// for another one with the same id.
+/// compared for equality, beside an entry found by its key, and never
+/// leaves the process; it is foldhash (about a third of SipHash's
+/// instructions on a 40-byte datagram), with a 64-bit seed drawn from the
+/// same random source. A forger who wants a victim's request taken for a
+/// retry of his own must send, under the victim's address and next id,
+/// other bytes with the same 64-bit hash under a key he never sees;
+/// foldhash is built to have no collisions that hold for every key, but
+/// unlike SipHash it is not a pseudorandom function (its authors disclaim
+/// resistance to attackers who can watch its outputs, which here nobody
+/// can).
 struct Keys {
     sip: RandomState,
     fold: foldhash::SharedSeed,
