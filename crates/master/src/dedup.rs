@@ -714,6 +714,12 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn an_entry_is_one_cache_line_s_worth() {
+        assert_eq!(std::mem::size_of::<Entry>(), 64);
+    }
+
+    #[test]
     fn off_holds_nothing() {
         let d = Dedup::new(Limits {
             window: Duration::ZERO,
