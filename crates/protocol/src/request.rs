@@ -243,6 +243,27 @@ pub fn scan_id(datagram: &[u8]) -> Option<&[u8]> {
     id.filter(|v| !matches!(v.first(), Some(b'{' | b'[')))
 }
 
+/// [`CLASS`] bit: JSON whitespace.
+const BLANK: u8 = 1;
+/// [`CLASS`] bit: a byte that ends a scalar (whitespace, `,`, `}`, `]`).
+const ENDS_SCALAR: u8 = 2;
+/// [`CLASS`] bit: a byte that ends a run in a string (`"`, `\\`).
+const ENDS_STRING: u8 = 4;
+/// [`Scanner`]'s byte classes: one lookup a byte in its loops.
+static CLASS: [u8; 256] = {
+    let mut class = [0; 256];
+    class[b' ' as usize] = BLANK | ENDS_SCALAR;
+    class[b'\t' as usize] = BLANK | ENDS_SCALAR;
+    class[b'\n' as usize] = BLANK | ENDS_SCALAR;
+    class[b'\r' as usize] = BLANK | ENDS_SCALAR;
+    class[b',' as usize] = ENDS_SCALAR;
+    class[b'}' as usize] = ENDS_SCALAR;
+    class[b']' as usize] = ENDS_SCALAR;
+    class[b'"' as usize] = ENDS_STRING;
+    class[b'\\' as usize] = ENDS_STRING;
+    class
+};
+
 /// A cursor over a datagram for [`scan_id`]: lenient inside values (it
 /// skips them by their brackets and quotes), exact on valid JSON.
 struct Scanner<'a> {
@@ -253,7 +274,10 @@ struct Scanner<'a> {
 impl<'a> Scanner<'a> {
     /// Skips JSON whitespace (space, tab, LF, CR).
     fn blank(&mut self) {
-        while matches!(self.b.get(self.i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        while let Some(&c) = self.b.get(self.i) {
+            if CLASS[usize::from(c)] & BLANK == 0 {
+                break;
+            }
             self.i += 1;
         }
     }
@@ -272,16 +296,15 @@ impl<'a> Scanner<'a> {
         }
         let mut escaped = false;
         loop {
-            match *self.b.get(self.i)? {
-                b'"' => {
-                    self.i += 1;
-                    return Some((&self.b[start..self.i], escaped));
-                }
-                b'\\' => {
-                    escaped = true;
-                    self.i += 2;
-                }
-                _ => self.i += 1,
+            let c = *self.b.get(self.i)?;
+            if CLASS[usize::from(c)] & ENDS_STRING == 0 {
+                self.i += 1;
+            } else if c == b'"' {
+                self.i += 1;
+                return Some((&self.b[start..self.i], escaped));
+            } else {
+                escaped = true;
+                self.i += 2;
             }
         }
     }
@@ -314,10 +337,10 @@ impl<'a> Scanner<'a> {
                 }
             }
             _ => {
-                while !matches!(
-                    self.b.get(self.i),
-                    None | Some(b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')
-                ) {
+                while let Some(&c) = self.b.get(self.i) {
+                    if CLASS[usize::from(c)] & ENDS_SCALAR != 0 {
+                        break;
+                    }
                     self.i += 1;
                 }
                 if self.i == start {
@@ -837,5 +860,160 @@ mod tests {
             "]".repeat(100_000)
         );
         assert_eq!(scan_id(deep.as_bytes()), Some(&b"3"[..]));
+    }
+
+    /// The scanner as first written, a byte at a time: the reference
+    /// for the one that skips runs.
+    fn scan_id_bytewise(b: &[u8]) -> Option<&[u8]> {
+        let mut i = 0;
+        let blank = |i: &mut usize| {
+            while matches!(b.get(*i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+                *i += 1;
+            }
+        };
+        let eat = |i: &mut usize, c: u8| {
+            let hit = b.get(*i) == Some(&c);
+            *i += usize::from(hit);
+            hit
+        };
+        let string = |i: &mut usize| -> Option<(usize, bool)> {
+            let start = *i;
+            if !eat(i, b'"') {
+                return None;
+            }
+            let mut escaped = false;
+            loop {
+                match *b.get(*i)? {
+                    b'"' => {
+                        *i += 1;
+                        return Some((start, escaped));
+                    }
+                    b'\\' => {
+                        escaped = true;
+                        *i += 2;
+                    }
+                    _ => *i += 1,
+                }
+            }
+        };
+        let value = |i: &mut usize| -> Option<usize> {
+            let start = *i;
+            match *b.get(*i)? {
+                b'"' => {
+                    string(i)?;
+                }
+                b'{' | b'[' => {
+                    let mut depth = 0usize;
+                    loop {
+                        match *b.get(*i)? {
+                            b'"' => {
+                                string(i)?;
+                                continue;
+                            }
+                            b'{' | b'[' => depth += 1,
+                            b'}' | b']' => depth -= 1,
+                            _ => {}
+                        }
+                        *i += 1;
+                        if depth == 0 {
+                            break;
+                        }
+                    }
+                }
+                _ => {
+                    while !matches!(
+                        b.get(*i),
+                        None | Some(b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')
+                    ) {
+                        *i += 1;
+                    }
+                    if *i == start {
+                        return None;
+                    }
+                }
+            }
+            Some(start)
+        };
+        blank(&mut i);
+        if !eat(&mut i, b'{') {
+            return None;
+        }
+        let mut id = None;
+        blank(&mut i);
+        if !eat(&mut i, b'}') {
+            loop {
+                blank(&mut i);
+                let (key, escaped) = string(&mut i)?;
+                let key = &b[key..i];
+                blank(&mut i);
+                if !eat(&mut i, b':') {
+                    return None;
+                }
+                blank(&mut i);
+                let value = &b[value(&mut i)?..i];
+                if !escaped && key == b"\"id\"" {
+                    if id.is_some() {
+                        return None;
+                    }
+                    id = Some(value);
+                }
+                blank(&mut i);
+                if eat(&mut i, b',') {
+                    continue;
+                }
+                if eat(&mut i, b'}') {
+                    break;
+                }
+                return None;
+            }
+        }
+        blank(&mut i);
+        if i != b.len() {
+            return None;
+        }
+        id.filter(|v| !matches!(v.first(), Some(b'{' | b'[')))
+    }
+
+    #[test]
+    fn scan_id_skipping_runs_answers_as_the_bytewise_scanner() {
+        let seeds: [&[u8]; 6] = [
+            br#"{"op":"square","n":-12345,"id":1234567}"#,
+            br#" { "id" : "a\"b}" , "op":"hello" } "#,
+            br#"{"n":{"id":1,"x":[1,{"y":"]"}]},"id":-1.5e3,"op":"x"}"#,
+            b"{\"op\":\"hello\",\n\"id\":null\r\n}\t",
+            br#"{"op":"hello","id":"\u00e9\\"}"#,
+            br#"{"id":"x\"#,
+        ];
+        let alphabet = b" \t\r\n{}[]\",:\\id0-9ae\xff";
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for seed in seeds {
+            assert_eq!(scan_id(seed), scan_id_bytewise(seed), "{seed:?}");
+            for _ in 0..20_000 {
+                let mut d = seed.to_vec();
+                for _ in 0..=next() % 4 {
+                    let at = (next() % (d.len() as u64 + 1)) as usize;
+                    let c = alphabet[(next() % alphabet.len() as u64) as usize];
+                    match next() % 3 {
+                        0 if at < d.len() => d[at] = c,
+                        1 if at < d.len() => {
+                            d.remove(at);
+                        }
+                        _ => d.insert(at, c),
+                    }
+                }
+                assert_eq!(
+                    scan_id(&d),
+                    scan_id_bytewise(&d),
+                    "{:?}",
+                    String::from_utf8_lossy(&d)
+                );
+            }
+        }
     }
 }
