@@ -172,6 +172,24 @@ def cpu_used(before, after, only=None, but=None):
                if (only is None or pid == only) and (but is None or pid != but))
 
 
+def switches_sample(root):
+    """Context switches (voluntary and not) per pid of the process tree
+    under `root`, summed over each process's threads."""
+    sample = {}
+    for pid in process_tree(root):
+        total = 0
+        try:
+            for tid in os.listdir("/proc/%d/task" % pid):
+                with open("/proc/%d/task/%s/status" % (pid, tid)) as f:
+                    for line in f:
+                        if "ctxt_switches:" in line:
+                            total += int(line.split()[1])
+        except OSError:
+            continue
+        sample[pid] = total
+    return sample
+
+
 def vm_hwm_kib(pid):
     try:
         with open("/proc/%d/status" % pid) as f:
@@ -263,9 +281,11 @@ def run_one(config, phase, args, rate=None, plot=None):
             if plot:
                 load += ["--plot", plot]
             before = cpu_sample(proc.pid)
+            switches_before = switches_sample(proc.pid)
             out = subprocess.run(load, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                  timeout=args.seconds + 60)
             after = cpu_sample(proc.pid)
+            switches_after = switches_sample(proc.pid)
             tree = process_tree(proc.pid)
             if out.returncode != 0:
                 raise RuntimeError("loadgen failed (%d): %s" % (out.returncode, out.stderr.strip()))
@@ -283,6 +303,7 @@ def run_one(config, phase, args, rate=None, plot=None):
                 "cpu_us_per_req": ticks / CLK_TCK * 1e6 / ok if ok else None,
                 "master_cpu_us_per_req": master_ticks / CLK_TCK * 1e6 / ok if ok else None,
                 "worker_cpu_us_per_req": worker_ticks / CLK_TCK * 1e6 / ok if ok else None,
+                "switches_per_req": cpu_used(switches_before, switches_after) / ok if ok else None,
                 "master_rss_kib": vm_hwm_kib(proc.pid),
                 "max_worker_rss_kib": max([r for r in worker_rss if r] or [0]) or None,
                 "report": report,
@@ -317,6 +338,8 @@ def summarize(results, configs, rates):
             "cpu_us_per_req": median([r["cpu_us_per_req"] for r in peak]),
             "master_cpu_us_per_req": median([r["master_cpu_us_per_req"] for r in peak]),
             "worker_cpu_us_per_req": median([r["worker_cpu_us_per_req"] for r in peak]),
+            "switches_per_req": median([r.get("switches_per_req") for r in peak]),
+            "lat_switches_per_req": median([r.get("switches_per_req") for r in lat]),
             "lat_busy": sum(r["report"]["errors"].get("busy", 0) for r in lat),
             "lat_runs": len(lat),
             "load80_busy": sum(r["report"]["errors"].get("busy", 0) for r in l80) if l80 else None,
@@ -384,14 +407,15 @@ def scaling_table(summary, configs):
     and the tokio peer), the master's CPU apart from its children's."""
     inline = summary.get("inline", {})
     rows = [
-        "| server | peak replies/s | vs inline | CPU/request | master | children (workers) | vs inline |",
-        "|---|--:|--:|--:|--:|--:|--:|",
+        "| server | peak replies/s | vs inline | CPU/request | master | children (workers) | vs inline "
+        "| context switches/request at peak | at the latency rate |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    for c in ("inline", "pool1", "pool2", "pool", "journal", "tokio"):
+    for c in ("inline", "pool1", "pool2", "pool", "pool@baseline", "journal", "journal@baseline", "tokio"):
         if c not in configs:
             continue
         s = summary[c]
-        rows.append("| %s | %s | %s | %s | %s | %s | %s |" % (
+        rows.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             label(c),
             fmt(s["peak_rps"], ",.0f"),
             fmt(ratio(s["peak_rps"], inline.get("peak_rps")), ".2f", "x"),
@@ -399,6 +423,8 @@ def scaling_table(summary, configs):
             fmt(s["master_cpu_us_per_req"], ".2f", " µs"),
             fmt(s["worker_cpu_us_per_req"], ".2f", " µs"),
             fmt(ratio(s["cpu_us_per_req"], inline.get("cpu_us_per_req")), ".2f", "x"),
+            fmt(s["switches_per_req"], ".2f"),
+            fmt(s["lat_switches_per_req"], ".2f"),
         ))
     return "\n".join(rows)
 
