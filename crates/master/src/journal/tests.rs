@@ -642,6 +642,23 @@ fn clients_format_without_allocating() {
         format_client(v4, &mut buf),
         std::borrow::Cow::Borrowed("10.0.0.1:53")
     ));
+    // The digit-by-digit IPv4 text is `Display`'s, at every width.
+    for text in [
+        "0.0.0.0:0",
+        "255.255.255.255:65535",
+        "127.0.0.1:9",
+        "192.168.10.100:10000",
+        "1.20.255.3:65000",
+    ] {
+        let v4: SocketAddr = text.parse().unwrap();
+        assert_eq!(format_client(v4, &mut buf), v4.to_string());
+    }
+    for octet in 0..=255u8 {
+        for port in [0u16, 7, 99, 100, 999, 1000, 9999, 10000, 65535] {
+            let v4 = SocketAddr::from(([octet, 0, 10, octet], port));
+            assert_eq!(format_client(v4, &mut buf), v4.to_string());
+        }
+    }
 }
 
 /// Re-runs this test binary as a child that writes rows until it is
