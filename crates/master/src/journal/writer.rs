@@ -166,7 +166,15 @@ pub(super) const MIGRATE_FROM_2: &str = concat!(
 pub(super) const UPSERT_META: &str = "INSERT INTO meta (key, value) VALUES (?1, ?2) \
      ON CONFLICT (key) DO UPDATE SET value = excluded.value";
 
-pub(super) const INSERT_REQUEST: &str = "INSERT INTO request_rows \
+/// `OR FAIL`: a multi-row `INSERT` under the default `OR ABORT` makes
+/// SQLite keep a statement journal (a copy of every page the statement
+/// first touches, to undo its earlier rows should a later one fail a
+/// constraint); with `OR FAIL` it keeps none, which took
+/// `writer_throughput` from 3.87 to 3.73 billion instructions. Nothing
+/// is lost by it: no bound value can fail a constraint (`NOT NULL` only),
+/// and any error still rolls back the whole batch's transaction
+/// ([`WriterDb::write_tx`]).
+pub(super) const INSERT_REQUEST: &str = "INSERT OR FAIL INTO request_rows \
      (ts_us, client, request_id, op, worker_pid, outcome, latency_us, hlc) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
 /// The parameters per row of [`INSERT_REQUEST`].
@@ -184,7 +192,7 @@ pub(super) fn insert_many_sql() -> &'static str {
     static SQL: OnceLock<String> = OnceLock::new();
     SQL.get_or_init(|| {
         let mut sql = String::from(
-            "INSERT INTO request_rows \
+            "INSERT OR FAIL INTO request_rows \
              (ts_us, client, request_id, op, worker_pid, outcome, latency_us, hlc) VALUES ",
         );
         for i in 0..INSERT_MANY_ROWS {
