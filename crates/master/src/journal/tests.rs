@@ -975,3 +975,57 @@ fn time_windows_through_the_marks_find_every_row() {
         0
     );
 }
+
+#[test]
+fn marks_hold_while_two_masters_write_one_journal() {
+    // As while USR2 replaces a master: two writers take turns, and the
+    // newer one's requests are later in time, its rows interleaved with
+    // the older one's by id.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.db");
+    let old = Journal::open(&path, 0).unwrap();
+    let new = Journal::open(&path, 0).unwrap();
+    let mut next = [0u64; 2];
+    for turn in 0..12 {
+        let (journal, base) = if turn % 2 == 0 {
+            (&old, 1_000_000_000)
+        } else {
+            (&new, 2_000_000_000)
+        };
+        let n = &mut next[turn % 2];
+        let mut rows: Vec<RequestRow> = (*n..*n + 700)
+            .map(|i| {
+                let mut r = row(i);
+                r.ts_unix_us = base + i as i64;
+                r
+            })
+            .collect();
+        *n += 700;
+        let want = journal.written_rows() + 700;
+        journal.submit(&mut rows);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while journal.written_rows() < want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(journal.written_rows(), want);
+    }
+    old.close();
+    new.close();
+    let conn = read_conn(&path);
+    assert_eq!(count(&conn, "SELECT count(*) FROM requests"), 12 * 700);
+    assert!(count(&conn, "SELECT count(*) FROM request_marks") >= 4);
+    for since in [
+        0,
+        1_000_000_000,
+        1_000_001_000,
+        1_000_004_200,
+        2_000_000_000,
+        2_000_000_500,
+        2_000_003_000,
+        2_000_004_199,
+        2_000_004_200,
+    ] {
+        let (marked, scanned) = window_counts(&conn, since);
+        assert_eq!(marked, scanned, "since {since}");
+    }
+}

@@ -299,8 +299,9 @@ pub(super) struct Marks {
     max_ts_us: i64,
     /// Rows written after the newest mark.
     unmarked: u64,
-    /// The newest mark's `last_id` (0: none).
-    last_id: i64,
+    /// The id this writer's next row gets unless someone else wrote rows
+    /// meanwhile or deleted the newest ones: then the state is read again.
+    next_id: i64,
 }
 
 impl Marks {
@@ -322,10 +323,16 @@ impl Marks {
             [last_id],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
+        let top: i64 =
+            conn.query_row("SELECT coalesce(max(id), 0) FROM request_rows", [], |r| {
+                r.get(0)
+            })?;
         Ok(Marks {
             max_ts_us: marked_max.max(tail_max).unwrap_or(i64::MIN),
             unmarked: unmarked.max(0) as u64,
-            last_id,
+            // A mark above the newest row (deleted by hand) makes the
+            // first insert read the state again, dropping that mark.
+            next_id: top.max(last_id).saturating_add(1),
         })
     }
 
@@ -338,23 +345,27 @@ impl Marks {
         last_id: i64,
     ) -> rusqlite::Result<()> {
         let first_id = last_id - rows.len() as i64 + 1;
-        if self.last_id >= first_id {
-            // The newest rows were deleted by hand and their ids reused:
-            // the marks over them no longer hold.
+        if first_id == self.next_id {
+            for row in rows {
+                self.max_ts_us = self.max_ts_us.max(row.ts_unix_us);
+            }
+            self.unmarked += rows.len() as u64;
+            self.next_id = last_id + 1;
+        } else {
+            // Rows this writer did not write came in between (another
+            // master's, while USR2 replaces this one: its times are not in
+            // the running maximum), or the newest rows were deleted by hand
+            // and their ids came again (any mark over them no longer
+            // holds). The database knows: its marks up to the rows before
+            // ours, and at most about MARK_ROWS rows after them.
             tx.prepare_cached("DELETE FROM request_marks WHERE last_id >= ?1")?
                 .execute([first_id])?;
             *self = Marks::read(tx)?;
-            return Ok(());
         }
-        for row in rows {
-            self.max_ts_us = self.max_ts_us.max(row.ts_unix_us);
-        }
-        self.unmarked += rows.len() as u64;
         if self.unmarked >= MARK_ROWS {
             tx.prepare_cached("INSERT INTO request_marks (last_id, max_ts_us) VALUES (?1, ?2)")?
                 .execute([last_id, self.max_ts_us])?;
             self.unmarked = 0;
-            self.last_id = last_id;
         }
         Ok(())
     }
