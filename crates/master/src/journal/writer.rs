@@ -941,11 +941,12 @@ pub(super) fn bind_request(
 /// `ip:port` text for `addr`, written into `buf` (no allocation unless an
 /// IPv6 address with a scope id does not fit). The same text as `Display`;
 /// an IPv4 address is written digit by digit, which took
-/// `writer_throughput` from 4.35 to 3.87 billion instructions: `Display`
+/// `writer_throughput` from 4.35 to 3.87 billion instructions (`Display`
 /// through `core::fmt` cost about 1,600 instructions a row, a third of the
-/// writer's own (non-SQLite) work.
+/// writer's own non-SQLite work), and without a `memcpy` per number or a
+/// second UTF-8 check, from 2.80 to 2.73 (about 225 instructions a row).
 pub(super) fn format_client(addr: SocketAddr, buf: &mut [u8; 64]) -> std::borrow::Cow<'_, str> {
-    let len = match addr {
+    match addr {
         SocketAddr::V4(v4) => {
             let mut len = 0;
             for (i, octet) in v4.ip().octets().into_iter().enumerate() {
@@ -953,43 +954,43 @@ pub(super) fn format_client(addr: SocketAddr, buf: &mut [u8; 64]) -> std::borrow
                     buf[len] = b'.';
                     len += 1;
                 }
-                len += write_decimal(u32::from(octet), &mut buf[len..]);
+                len += write_decimal(u16::from(octet), &mut buf[len..]);
             }
             buf[len] = b':';
             len += 1;
-            len += write_decimal(u32::from(v4.port()), &mut buf[len..]);
-            Some(len)
+            len += write_decimal(v4.port(), &mut buf[len..]);
+            // SAFETY: `buf[..len]` holds only the ASCII digits, dots and
+            // colon written just above, so it is UTF-8 (checking it again
+            // cost a third of this function).
+            std::borrow::Cow::Borrowed(unsafe { std::str::from_utf8_unchecked(&buf[..len]) })
         }
         SocketAddr::V6(_) => {
             let mut cursor = std::io::Cursor::new(&mut buf[..]);
-            write!(cursor, "{addr}")
-                .is_ok()
-                .then(|| cursor.position() as usize)
-        }
-    };
-    if let Some(len) = len {
-        if let Ok(s) = std::str::from_utf8(&buf[..len]) {
-            return std::borrow::Cow::Borrowed(s);
+            if write!(cursor, "{addr}").is_ok() {
+                let len = cursor.position() as usize;
+                if let Ok(s) = std::str::from_utf8(&buf[..len]) {
+                    return std::borrow::Cow::Borrowed(s);
+                }
+            }
+            std::borrow::Cow::Owned(addr.to_string())
         }
     }
-    std::borrow::Cow::Owned(addr.to_string())
 }
 
-/// Writes `n` (at most 65535) in decimal at the start of `out` (at least 5
-/// bytes), returning the number of digits written.
-fn write_decimal(n: u32, out: &mut [u8]) -> usize {
-    let mut digits = [0u8; 5];
-    let mut at = digits.len();
-    let mut n = n.min(65_535);
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
+/// Writes `n` in decimal at the start of `out` (at least 5 bytes),
+/// returning the number of digits written.
+fn write_decimal(n: u16, out: &mut [u8]) -> usize {
+    let len = match n {
+        0..=9 => 1,
+        10..=99 => 2,
+        100..=999 => 3,
+        1000..=9999 => 4,
+        _ => 5,
+    };
+    let mut n = n;
+    for digit in out[..len].iter_mut().rev() {
+        *digit = b'0' + (n % 10) as u8;
         n /= 10;
-        if n == 0 {
-            break;
-        }
     }
-    let len = digits.len() - at;
-    out[..len].copy_from_slice(&digits[at..]);
     len
 }
