@@ -51,10 +51,11 @@ pub use cluster::{ClusterEvent, ClusterEventKind, ClusterJournal, MAX_QUEUED_CLU
 /// Schema version 2, to make old journals in tests.
 #[cfg(test)]
 pub(crate) use writer::SCHEMA_V2;
+pub use writer::SINCE_FLOOR;
 use writer::*;
 
 /// The schema version this code writes and reads, kept in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// How far the writer may fall behind, in queued rows, before batches are
 /// shed: about 0.2 s of full load, and with the batch the writer holds,

@@ -21,7 +21,7 @@ use hdrhistogram::Histogram;
 use rusqlite::{Connection, OpenFlags};
 use serde_json::{json, Value};
 
-use crate::journal::{now_unix_us, SCHEMA_VERSION};
+use crate::journal::{now_unix_us, SCHEMA_VERSION, SINCE_FLOOR};
 
 /// `master report --journal PATH [--journal PATH ...] [--since DURATION]
 /// [--rows N] [--timeline N] [--json]`.
@@ -81,6 +81,22 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
         }
         _ => Ok(()),
     }
+}
+
+/// The condition, ` AND id > N`, that starts a scan of `requests` for the
+/// rows at or after `since_us` at the first id that can be one, from the
+/// journal's `request_marks` ([`SINCE_FLOOR`]); empty before schema
+/// version 4, whose index on `ts_us` serves `ts_us >= ?`.
+pub(crate) fn since_floor_sql(
+    conn: &Connection,
+    version: i32,
+    since_us: i64,
+) -> rusqlite::Result<String> {
+    if version < 4 {
+        return Ok(String::new());
+    }
+    let floor: i64 = conn.query_row(SINCE_FLOOR, [since_us], |r| r.get(0))?;
+    Ok(format!(" AND id > {floor}"))
 }
 
 /// The first instant (unix µs) of the window of length `since` that ends
@@ -329,7 +345,8 @@ impl Report {
         let mut sql = format!("SELECT ts_us, worker_pid, outcome, latency_us, {key} FROM requests");
         if self.since_us.is_some() {
             sql.push_str(" WHERE ts_us >= ?1");
-        } // No WHERE otherwise: a plain table scan beats walking the index.
+            sql.push_str(&since_floor_sql(conn, version, since)?);
+        } // No WHERE otherwise: a plain table scan beats walking an index.
         let mut stmt = conn.prepare(&sql)?;
         let mut rows = if self.since_us.is_some() {
             stmt.query([since])?

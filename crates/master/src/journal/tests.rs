@@ -420,9 +420,9 @@ fn a_version_1_journal_is_migrated_with_its_ids_as_values() {
             "cluster_events",
             "journal_events",
             "meta",
+            "request_marks",
             "request_rows",
             "requests",
-            "requests_ts",
             "sqlite_autoindex_meta_1",
             "workers",
             "workers_pid"
@@ -483,7 +483,10 @@ fn a_version_2_journal_is_migrated_to_the_schema_of_a_new_one() {
     journal.close();
 
     let conn = read_conn(&path);
-    assert_eq!(count(&conn, "PRAGMA user_version"), 3);
+    assert_eq!(
+        count(&conn, "PRAGMA user_version"),
+        i64::from(SCHEMA_VERSION)
+    );
     // The old rows are all there, without stamps; the new ones have theirs.
     assert_eq!(count(&conn, "SELECT count(*) FROM requests"), 103);
     assert_eq!(
@@ -642,6 +645,23 @@ fn clients_format_without_allocating() {
         format_client(v4, &mut buf),
         std::borrow::Cow::Borrowed("10.0.0.1:53")
     ));
+    // The digit-by-digit IPv4 text is `Display`'s, at every width.
+    for text in [
+        "0.0.0.0:0",
+        "255.255.255.255:65535",
+        "127.0.0.1:9",
+        "192.168.10.100:10000",
+        "1.20.255.3:65000",
+    ] {
+        let v4: SocketAddr = text.parse().unwrap();
+        assert_eq!(format_client(v4, &mut buf), v4.to_string());
+    }
+    for octet in 0..=255u8 {
+        for port in [0u16, 7, 99, 100, 999, 1000, 9999, 10000, 65535] {
+            let v4 = SocketAddr::from(([octet, 0, 10, octet], port));
+            assert_eq!(format_client(v4, &mut buf), v4.to_string());
+        }
+    }
 }
 
 /// Re-runs this test binary as a child that writes rows until it is
@@ -765,4 +785,247 @@ fn measure_writer(max_rows: u64) {
         elapsed.as_secs_f64(),
         N as f64 / elapsed.as_secs_f64()
     );
+}
+
+/// A journal of schema version 3: its `requests_ts` index and no marks.
+fn make_v3(path: &Path, rows: &[(i64, i64)]) {
+    let conn = Connection::open(path).unwrap();
+    conn.execute_batch(SCHEMA_V2).unwrap();
+    conn.execute_batch(MIGRATE_FROM_2).unwrap();
+    for (id, ts) in rows {
+        conn.execute(
+            "INSERT INTO request_rows (id, ts_us, client, op, outcome, latency_us) \
+             VALUES (?1, ?2, '127.0.0.1:5', 'square', 'ok', 1)",
+            [id, ts],
+        )
+        .unwrap();
+    }
+    assert_eq!(count(&conn, "PRAGMA user_version"), 3);
+}
+
+/// Requests at or after `since`, counted through the marks (as `master
+/// report` reads them) and by a scan of every row: always the same.
+fn window_counts(conn: &Connection, since: i64) -> (i64, i64) {
+    let floor: i64 = conn.query_row(SINCE_FLOOR, [since], |r| r.get(0)).unwrap();
+    let marked: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM requests WHERE ts_us >= ?1 AND id > ?2",
+            [since, floor],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let scanned: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM requests WHERE ts_us >= ?1",
+            [since],
+            |r| r.get(0),
+        )
+        .unwrap();
+    (marked, scanned)
+}
+
+#[test]
+fn a_version_3_journal_is_migrated_to_time_marks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.db");
+    // Ids in completion order, times out of order by up to 50 µs.
+    let old: Vec<(i64, i64)> = (1..=500).map(|i| (i, 1000 + i * 10 - i % 7 * 8)).collect();
+    make_v3(&path, &old);
+    let journal = Journal::open(&path, 0).unwrap();
+    let mut rows: Vec<RequestRow> = (0..3).map(row).collect();
+    for (i, r) in rows.iter_mut().enumerate() {
+        r.ts_unix_us = 20_000 + i as i64;
+    }
+    journal.submit(&mut rows);
+    journal.close();
+
+    let conn = read_conn(&path);
+    assert_eq!(count(&conn, "PRAGMA user_version"), 4);
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT count(*) FROM sqlite_schema WHERE name = 'requests_ts'"
+        ),
+        0
+    );
+    // One mark for the rows there were: the highest id, the latest time.
+    let max_ts = old.iter().map(|r| r.1).max().unwrap();
+    let marks: Vec<(i64, i64)> = conn
+        .prepare("SELECT last_id, max_ts_us FROM request_marks")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(marks, [(500, max_ts)]);
+    for since in [
+        0,
+        1000,
+        1500,
+        3000,
+        5000,
+        max_ts,
+        max_ts + 1,
+        20_001,
+        30_000,
+    ] {
+        let (marked, scanned) = window_counts(&conn, since);
+        assert_eq!(marked, scanned, "since {since}");
+    }
+    assert_eq!(window_counts(&conn, max_ts + 1), (3, 3));
+    // A migrated journal and a new one have the same schema.
+    let fresh = dir.path().join("fresh.db");
+    Journal::open(&fresh, 1000).unwrap().close();
+    assert_eq!(schema_sql(&conn), schema_sql(&read_conn(&fresh)));
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+}
+
+#[test]
+fn time_windows_through_the_marks_find_every_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.db");
+    // Received up to 40 ms before they completed (ids are completion order).
+    let ts = |i: u64| 1_000_000_000 + i as i64 * 100 - (i * 7919 % 400) as i64 * 100;
+    let write = |range: std::ops::Range<u64>, max_rows: u64| {
+        let journal = Journal::open(&path, max_rows).unwrap();
+        let all: Vec<u64> = range.collect();
+        let mut submitted = 0;
+        for chunk in all.chunks(700) {
+            let mut rows: Vec<RequestRow> = chunk
+                .iter()
+                .map(|&i| {
+                    let mut r = row(i);
+                    r.ts_unix_us = ts(i);
+                    r
+                })
+                .collect();
+            journal.submit(&mut rows);
+            submitted += chunk.len() as u64;
+            // Several transactions, so that marks fall between them.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while journal.written_rows() < submitted && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        assert_eq!(journal.shed_rows(), 0);
+        journal.close();
+    };
+    let check = |label: &str| {
+        let conn = read_conn(&path);
+        let rows = count(&conn, "SELECT count(*) FROM requests");
+        let marks = count(&conn, "SELECT count(*) FROM request_marks");
+        assert!(
+            marks <= rows / MARK_ROWS as i64 + 1,
+            "{label}: {marks} marks for {rows} rows"
+        );
+        let (lo, hi): (i64, i64) = conn
+            .query_row("SELECT min(ts_us), max(ts_us) FROM requests", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        let mut skipped = false;
+        for k in 0..=40 {
+            let since = lo - 1 + (hi - lo + 2) * k / 40;
+            let (marked, scanned) = window_counts(&conn, since);
+            assert_eq!(marked, scanned, "{label}: since {since}");
+            let report = crate::report::Report::collect(&path, Some(since)).unwrap();
+            assert_eq!(
+                report.requests as i64, scanned,
+                "{label}: report since {since}"
+            );
+            let floor: i64 = conn.query_row(SINCE_FLOOR, [since], |r| r.get(0)).unwrap();
+            skipped |= floor > 0;
+        }
+        assert!(skipped, "{label}: the marks never skipped a row");
+        // The window's scan is a range of the rows' own B-tree.
+        let plan: String = conn
+            .query_row(
+                "EXPLAIN QUERY PLAN SELECT count(*) FROM requests WHERE ts_us >= 5 AND id > 7",
+                [],
+                |r| r.get(3),
+            )
+            .unwrap();
+        assert!(plan.contains("INTEGER PRIMARY KEY"), "{label}: {plan}");
+    };
+    write(0..10_000, 0);
+    check("one master");
+    // Another master goes on from the same journal.
+    write(10_000..13_000, 0);
+    check("restarted");
+    // The newest rows deleted by hand: their ids come again, later in time.
+    Connection::open(&path)
+        .unwrap()
+        .execute("DELETE FROM request_rows WHERE id > 12000", [])
+        .unwrap();
+    write(13_000..15_000, 0);
+    check("ids reused");
+    // Retention drops the marks of the rows it deletes.
+    write(15_000..25_000, 5_000);
+    check("retention");
+    let conn = read_conn(&path);
+    let oldest = count(&conn, "SELECT min(id) FROM request_rows");
+    assert_eq!(
+        count(
+            &conn,
+            &format!("SELECT count(*) FROM request_marks WHERE last_id < {oldest}")
+        ),
+        0
+    );
+}
+
+#[test]
+fn marks_hold_while_two_masters_write_one_journal() {
+    // As while USR2 replaces a master: two writers take turns, and the
+    // newer one's requests are later in time, its rows interleaved with
+    // the older one's by id.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.db");
+    let old = Journal::open(&path, 0).unwrap();
+    let new = Journal::open(&path, 0).unwrap();
+    let mut next = [0u64; 2];
+    for turn in 0..12 {
+        let (journal, base) = if turn % 2 == 0 {
+            (&old, 1_000_000_000)
+        } else {
+            (&new, 2_000_000_000)
+        };
+        let n = &mut next[turn % 2];
+        let mut rows: Vec<RequestRow> = (*n..*n + 700)
+            .map(|i| {
+                let mut r = row(i);
+                r.ts_unix_us = base + i as i64;
+                r
+            })
+            .collect();
+        *n += 700;
+        let want = journal.written_rows() + 700;
+        journal.submit(&mut rows);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while journal.written_rows() < want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(journal.written_rows(), want);
+    }
+    old.close();
+    new.close();
+    let conn = read_conn(&path);
+    assert_eq!(count(&conn, "SELECT count(*) FROM requests"), 12 * 700);
+    assert!(count(&conn, "SELECT count(*) FROM request_marks") >= 4);
+    for since in [
+        0,
+        1_000_000_000,
+        1_000_001_000,
+        1_000_004_200,
+        2_000_000_000,
+        2_000_000_500,
+        2_000_003_000,
+        2_000_004_199,
+        2_000_004_200,
+    ] {
+        let (marked, scanned) = window_counts(&conn, since);
+        assert_eq!(marked, scanned, "since {since}");
+    }
 }

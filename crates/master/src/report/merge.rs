@@ -730,14 +730,18 @@ fn read_rows(
         return Ok(Vec::new());
     }
     let stamp = if snapshot.version >= 3 { "hlc" } else { "NULL" };
+    let since = since_us.unwrap_or(i64::MIN);
+    let floor = match since_us {
+        Some(s) => since_floor_sql(&snapshot.conn, snapshot.version, s)?,
+        None => String::new(),
+    };
     let sql = format!(
         "SELECT {key} AS k, {stamp}, id, ts_us, client, request_id, op, worker_pid, outcome, \
-         latency_us FROM requests WHERE ts_us >= ?1 \
+         latency_us FROM requests WHERE ts_us >= ?1{floor} \
          ORDER BY k < 0 DESC, k DESC, id DESC LIMIT ?2",
         key = hlc_key_sql(snapshot.version)
     );
     let mut stmt = snapshot.conn.prepare(&sql)?;
-    let since = since_us.unwrap_or(i64::MIN);
     let rows = stmt.query_map(rusqlite::params![since, limit as i64], |r| {
         Ok(RequestLine {
             hlc: r.get::<_, i64>(0)? as u64,

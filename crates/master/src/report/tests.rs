@@ -89,9 +89,9 @@ fn a_version_1_journal_is_read_as_it_is() {
     let report = Report::collect(&path, None).unwrap();
     assert_eq!(report.requests, 400);
     assert_eq!(version(&conn), 1, "reading does not migrate");
-    conn.execute_batch("PRAGMA user_version = 4").unwrap();
+    conn.execute_batch("PRAGMA user_version = 5").unwrap();
     let msg = format!("{:#}", Report::collect(&path, None).unwrap_err());
-    assert!(msg.contains("schema version 4"), "{msg}");
+    assert!(msg.contains("schema version 5"), "{msg}");
 }
 
 #[test]
@@ -401,7 +401,7 @@ fn a_causal_link_orders_a_slow_servers_rows_after_what_it_saw() {
     assert_eq!(servers[0]["server"], "127.0.0.1:1001");
     assert_eq!(servers[0]["hlc_id"], a.clock.id().to_string());
     assert_eq!(servers[1]["requests"], 2);
-    assert_eq!(servers[1]["schema_version"], 3);
+    assert_eq!(servers[1]["schema_version"], SCHEMA_VERSION);
     let mut text = Vec::new();
     merged.write_text(&mut text).unwrap();
     let text = String::from_utf8(text).unwrap();
