@@ -274,9 +274,16 @@ pub struct Pending {
 }
 
 /// How long a request may wait in the master for a worker with room
-/// before it is answered `busy` (or its error), unless the pool is growing.
-/// Under overload clients hear `busy` at once instead of waiting in a queue.
-pub const BUSY_AFTER: Duration = Duration::from_millis(2);
+/// before it is answered `busy` (or its error), unless the pool is growing
+/// (HAProxy's `timeout queue`, much shorter). Long enough that a moment's
+/// stall of the workers (the scheduler giving a core to something else for
+/// a few ms) does not turn into `busy` replies at a load the pool sustains:
+/// with 2 ms, 80% of the journal configuration's peak got hundreds to
+/// thousands of them per 4 s run on two cores, with 10 ms none
+/// (docs/PERFORMANCE.md). Under overload clients still hear `busy`, this
+/// much later, and the master holds at most `QUEUE_CAP` requests meanwhile
+/// (the kernel's queue the rest).
+pub const BUSY_AFTER: Duration = Duration::from_millis(20);
 
 /// How many requests of one turn go to the same worker before the next
 /// one is chosen. Each worker that gets work is a pipe write, a wake-up
