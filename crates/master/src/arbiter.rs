@@ -156,8 +156,10 @@ struct Ready {
     signals: bool,
     /// The hand-over channel has something to read.
     handover: bool,
-    /// Serials of workers whose completion pipe is readable.
+    /// Serials of workers whose completion pipe epoll reported readable.
     completions: Vec<u64>,
+    /// Read the pipes of idle workers too (they do not wake the master).
+    sweep: bool,
 }
 
 /// The master process's state.
@@ -378,22 +380,14 @@ impl Arbiter {
                 token => ready.completions.push((token - FIRST_WORKER_TOKEN) / 2),
             }
         }
-        // The pipes that do not wake the master ([`pool::completions_wake`]):
-        // those of workers holding requests at every turn, idle ones at
-        // turns a signal or a timeout woke, and at least every SWEEP_EVERY.
+        // The pipes that do not wake the master ([`pool::completions_wake`])
+        // are read anyway: a busy worker's at every turn, an idle one's at
+        // a sweep (a turn a signal or a timeout woke, and at least every
+        // SWEEP_EVERY).
         let now = Instant::now();
-        let sweep = n == 0 || ready.signals || now >= self.next_sweep;
-        if sweep {
+        ready.sweep = n == 0 || ready.signals || now >= self.next_sweep;
+        if ready.sweep {
             self.next_sweep = now + SWEEP_EVERY;
-        }
-        for s in &self.slots {
-            if s.completions.is_some()
-                && !s.wakes
-                && (sweep || !s.inflight.is_empty())
-                && !ready.completions.contains(&s.serial)
-            {
-                ready.completions.push(s.serial);
-            }
         }
         Ok(())
     }

@@ -23,13 +23,19 @@ impl Arbiter {
     /// retires it), DONE (a request answered: counted and journaled, its
     /// reply kept by the duplicate request cache if it came back), and
     /// the end of the stream (the worker is gone: reaping settles it).
+    ///
+    /// Read: the pipes epoll reported, and those that do not wake the
+    /// master ([`pool::completions_wake`]): a busy worker's at every turn,
+    /// an idle one's at a sweep.
     pub(super) fn read_completions(&mut self) {
         let now = Instant::now();
-        for k in 0..self.ready.completions.len() {
-            let serial = self.ready.completions[k];
-            let Some(slot) = self.slots.iter_mut().find(|s| s.serial == serial) else {
+        let (reported, sweep) = (&self.ready.completions, self.ready.sweep);
+        for slot in self.slots.iter_mut() {
+            let due = reported.contains(&slot.serial)
+                || (!slot.wakes && (sweep || !slot.inflight.is_empty()));
+            if !due {
                 continue;
-            };
+            }
             let pid = slot.pid.as_raw() as u32;
             let Some(fd) = slot.completions.as_ref() else {
                 continue;
