@@ -27,6 +27,17 @@ pub use recv::{ConnectedRecvBatch, Datagram, RecvBatch};
 pub use send::{ConnectedSendBatch, ReplyBatch};
 pub use sockaddr::{read_sockaddr, write_sockaddr};
 
+/// `CLOCK_MONOTONIC` in microseconds: one clock for every process of the
+/// host, the one Rust's `Instant` reads on Linux. A worker stamps its
+/// replies' departure with it (the SENT_AT frame) and the master places
+/// that time on its own `Instant`s. 0 if the clock cannot be read (it
+/// cannot fail on Linux).
+pub fn monotonic_us() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::fs;

@@ -172,7 +172,7 @@ impl Worker {
             .send(self.socket.as_fd())
             .context("cannot send replies")?;
         if let Some(at) = self.sent_at.take() {
-            frame::stamp_sent_at(&mut self.done, at, monotonic_us());
+            frame::stamp_sent_at(&mut self.done, at, netio::monotonic_us());
         }
         if !self.done.is_empty() {
             self.completions
@@ -182,16 +182,6 @@ impl Worker {
         }
         Ok(())
     }
-}
-
-/// `CLOCK_MONOTONIC` in microseconds: the clock the master reads too (its
-/// `Instant`s), so that it can place the worker's times on its own.
-fn monotonic_us() -> u64 {
-    // The monotonic clock cannot fail on Linux; 0 would only make the
-    // master fall back to the time it reads the completion.
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
-        t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000
-    })
 }
 
 impl Host for Worker {

@@ -438,7 +438,7 @@ impl Monotonic {
     pub(super) fn now() -> Monotonic {
         Monotonic {
             at: Instant::now(),
-            us: monotonic_us(),
+            us: netio::monotonic_us(),
         }
     }
 
@@ -456,10 +456,4 @@ impl Monotonic {
                 .checked_sub(Duration::from_micros(self.us - mono_us))
         }
     }
-}
-
-fn monotonic_us() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
-        t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000
-    })
 }
