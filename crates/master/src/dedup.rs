@@ -745,18 +745,24 @@ mod timing {
         Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
     }
 
-    /// What one request costs the cache at peak, every request with a new
-    /// id: `cargo test --release -p master dedup_cost -- --ignored --nocapture`.
-    #[test]
-    #[ignore = "a measurement, not a check"]
-    fn dedup_cost() {
-        let mut d = Dedup::new(Limits {
+    /// A cache of the default size (`--dedup-window 5`, 16,384 entries,
+    /// 8 MiB) and the client the measurements send from.
+    fn full_size_cache() -> (Dedup, SocketAddr) {
+        let d = Dedup::new(Limits {
             window: Duration::from_secs(5),
             entries: 16_384,
             bytes: 8 << 20,
             stale_after: Duration::from_secs(65),
         });
-        let from = SocketAddr::from(([127, 0, 0, 1], 40000));
+        (d, SocketAddr::from(([127, 0, 0, 1], 40000)))
+    }
+
+    /// What one request costs the cache at peak, every request with a new
+    /// id: `cargo test --release -p master dedup_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn dedup_cost() {
+        let (mut d, from) = full_size_cache();
         let now = Instant::now();
         let mut payload = Vec::new();
         let mut reply = Vec::new();
@@ -823,13 +829,7 @@ mod timing {
     #[ignore = "a measurement, not a check"]
     fn dedup_cycles() {
         let mode = std::env::var("DEDUP_CYCLES").unwrap_or_default();
-        let mut d = Dedup::new(Limits {
-            window: Duration::from_secs(5),
-            entries: 16_384,
-            bytes: 8 << 20,
-            stale_after: Duration::from_secs(65),
-        });
-        let from = SocketAddr::from(([127, 0, 0, 1], 40000));
+        let (mut d, from) = full_size_cache();
         let mut now = Instant::now();
         // 140k requests a second.
         let step = Duration::from_nanos(7_143);

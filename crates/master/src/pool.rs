@@ -546,6 +546,16 @@ mod tests {
         s
     }
 
+    /// `n` ready, idle workers.
+    fn ready_slots(n: u64) -> Vec<WorkerSlot> {
+        (0..n).map(|s| slot(s, SlotState::Ready, 0)).collect()
+    }
+
+    /// How many requests each worker holds.
+    fn held(slots: &[WorkerSlot]) -> Vec<usize> {
+        slots.iter().map(|s| s.inflight.len()).collect()
+    }
+
     fn req(seq: u64, at: Instant) -> InFlight {
         InFlight {
             seq,
@@ -647,44 +657,46 @@ mod tests {
     #[test]
     fn a_short_batch_stays_on_one_worker_and_a_long_one_is_spread_in_runs() {
         let t = Instant::now();
-        let mut slots: Vec<_> = (0..4).map(|s| slot(s, SlotState::Ready, 0)).collect();
+        let mut slots = ready_slots(4);
         let mut d = Dispatcher::default();
         let mut refused = Vec::new();
         for seq in 0..5 {
             d.push(req(seq, t), ErrorCode::Busy);
         }
         assert_eq!(d.place(&mut slots, 128, t, false, &mut refused), 5);
-        let held: Vec<usize> = slots.iter().map(|s| s.inflight.len()).collect();
-        assert_eq!(held, [5, 0, 0, 0]);
+        assert_eq!(held(&slots), [5, 0, 0, 0]);
         // The next turn starts at the least-loaded worker after the last one.
         for seq in 5..(5 + 3 * KEEP_TOGETHER as u64) {
             d.push(req(seq, t), ErrorCode::Busy);
         }
         d.place(&mut slots, 128, t, false, &mut refused);
-        let held: Vec<usize> = slots.iter().map(|s| s.inflight.len()).collect();
-        assert_eq!(held, [5, KEEP_TOGETHER, KEEP_TOGETHER, KEEP_TOGETHER]);
+        assert_eq!(
+            held(&slots),
+            [5, KEEP_TOGETHER, KEEP_TOGETHER, KEEP_TOGETHER]
+        );
         // A full worker ends its run early.
         for seq in 100..104 {
             d.push(req(seq, t), ErrorCode::Busy);
         }
         d.place(&mut slots, 6, t, false, &mut refused);
-        let held: Vec<usize> = slots.iter().map(|s| s.inflight.len()).collect();
-        assert_eq!(held, [6, KEEP_TOGETHER, KEEP_TOGETHER, KEEP_TOGETHER]);
+        assert_eq!(
+            held(&slots),
+            [6, KEEP_TOGETHER, KEEP_TOGETHER, KEEP_TOGETHER]
+        );
         assert_eq!(d.len(), 3);
     }
 
     #[test]
     fn a_spreading_dispatcher_gives_each_request_the_least_loaded_worker() {
         let t = Instant::now();
-        let mut slots: Vec<_> = (0..4).map(|s| slot(s, SlotState::Ready, 0)).collect();
+        let mut slots = ready_slots(4);
         let mut d = Dispatcher::spreading();
         let mut refused = Vec::new();
         for seq in 0..6 {
             d.push(req(seq, t), ErrorCode::Busy);
         }
         assert_eq!(d.place(&mut slots, 128, t, false, &mut refused), 6);
-        let held: Vec<usize> = slots.iter().map(|s| s.inflight.len()).collect();
-        assert_eq!(held, [2, 2, 1, 1]);
+        assert_eq!(held(&slots), [2, 2, 1, 1]);
     }
 
     #[test]
