@@ -40,7 +40,9 @@ use anyhow::{bail, Context as _};
 use protocol::frame::MAX_DONE_ID;
 use protocol::{IdValue, Op, Outcome};
 use rusqlite::types::Null;
-use rusqlite::{params, Connection, OpenFlags, Statement, TransactionBehavior};
+use rusqlite::{
+    params, Connection, OpenFlags, OptionalExtension as _, Statement, TransactionBehavior,
+};
 
 mod cluster;
 #[cfg(test)]
@@ -55,7 +57,7 @@ pub use writer::SINCE_FLOOR;
 use writer::*;
 
 /// The schema version this code writes and reads, kept in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// How far the writer may fall behind, in queued rows, before batches are
 /// shed: about 0.2 s of full load, and with the batch the writer holds,

@@ -200,6 +200,27 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome, in wire-byte order.
+    pub const ALL: [Outcome; 17] = [
+        Outcome::Ok,
+        Outcome::Error(ErrorCode::BadRequest),
+        Outcome::Error(ErrorCode::UnknownOp),
+        Outcome::Error(ErrorCode::OutOfRange),
+        Outcome::Error(ErrorCode::TooLarge),
+        Outcome::Error(ErrorCode::Busy),
+        Outcome::Error(ErrorCode::WorkerCrashed),
+        Outcome::Error(ErrorCode::Timeout),
+        Outcome::Error(ErrorCode::Disabled),
+        Outcome::Error(ErrorCode::ShuttingDown),
+        Outcome::Error(ErrorCode::Forbidden),
+        Outcome::Error(ErrorCode::RateLimited),
+        Outcome::Duplicate,
+        Outcome::Replayed,
+        Outcome::Dropped,
+        Outcome::Withheld,
+        Outcome::NoReply,
+    ];
+
     /// The outcome as one wire byte: 0 ok, 255 no reply, 254 withheld,
     /// 253 dropped, 252 replayed, 251 duplicate, else the error code.
     pub fn to_u8(self) -> u8 {
@@ -267,5 +288,11 @@ mod tests {
         assert_eq!(Outcome::from_u8(252), Some(Outcome::Replayed));
         assert_eq!(Outcome::from_u8(251), Some(Outcome::Duplicate));
         assert_eq!(Outcome::from_u8(200), None);
+        // `ALL` holds every outcome a byte can name, once, in byte order.
+        let named: Vec<Outcome> = (0..=255u8).filter_map(Outcome::from_u8).collect();
+        assert_eq!(named, Outcome::ALL);
+        for code in ErrorCode::ALL {
+            assert!(Outcome::ALL.contains(&Outcome::Error(code)));
+        }
     }
 }

@@ -635,33 +635,249 @@ fn request_ids_are_cut_inline() {
     assert_eq!(RequestId::new(&[0xff, 0xfe]).as_str(), None);
 }
 
-#[test]
-fn clients_format_without_allocating() {
-    let mut buf = [0u8; 64];
-    let v6: SocketAddr = "[fe80::1:2:3:4%4294967295]:65535".parse().unwrap();
-    assert_eq!(format_client(v6, &mut buf), v6.to_string());
-    let v4: SocketAddr = "10.0.0.1:53".parse().unwrap();
-    assert!(matches!(
-        format_client(v4, &mut buf),
-        std::borrow::Cow::Borrowed("10.0.0.1:53")
-    ));
-    // The digit-by-digit IPv4 text is `Display`'s, at every width.
-    for text in [
+/// Rows of every op and outcome, from IPv4 clients at the edges of the
+/// integer encoding and from IPv6 ones.
+fn varied_rows() -> Vec<RequestRow> {
+    let clients: Vec<SocketAddr> = [
         "0.0.0.0:0",
         "255.255.255.255:65535",
         "127.0.0.1:9",
         "192.168.10.100:10000",
         "1.20.255.3:65000",
-    ] {
-        let v4: SocketAddr = text.parse().unwrap();
-        assert_eq!(format_client(v4, &mut buf), v4.to_string());
-    }
-    for octet in 0..=255u8 {
-        for port in [0u16, 7, 99, 100, 999, 1000, 9999, 10000, 65535] {
-            let v4 = SocketAddr::from(([octet, 0, 10, octet], port));
-            assert_eq!(format_client(v4, &mut buf), v4.to_string());
+        "[::1]:5",
+        "[fe80::1:2:3:4%4294967295]:65535",
+        "[::ffff:10.0.0.1]:53",
+    ]
+    .iter()
+    .map(|t| t.parse().unwrap())
+    .collect();
+    let mut rows = Vec::new();
+    for (i, outcome) in Outcome::ALL.into_iter().enumerate() {
+        for (j, op) in Op::ALL.into_iter().enumerate() {
+            let mut r = row((i * 10 + j) as u64);
+            r.client = clients[(i + j) % clients.len()];
+            r.op = op;
+            r.outcome = outcome;
+            rows.push(r);
         }
     }
+    rows
+}
+
+#[test]
+fn clients_ops_and_outcomes_are_numbers_the_view_reads_as_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.db");
+    let journal = Journal::open(&path, 0).unwrap();
+    let want = varied_rows();
+    journal.submit(&mut want.clone());
+    journal.close();
+    let conn = read_conn(&path);
+    let got: Vec<(String, String, String)> = conn
+        .prepare("SELECT client, op, outcome FROM requests ORDER BY id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let texts: Vec<(String, String, String)> = want
+        .iter()
+        .map(|r| {
+            (
+                r.client.to_string(),
+                r.op.as_str().to_owned(),
+                r.outcome.as_str().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(got, texts);
+    // Stored as numbers: an IPv4 client, every op and every outcome.
+    let stored: Vec<(String, String, String)> = conn
+        .prepare("SELECT typeof(client), typeof(op), typeof(outcome) FROM request_rows ORDER BY id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    for (r, (client, op, outcome)) in want.iter().zip(&stored) {
+        let client_type = if r.client.is_ipv4() {
+            "integer"
+        } else {
+            "text"
+        };
+        assert_eq!(
+            (client.as_str(), op.as_str(), outcome.as_str()),
+            (client_type, "integer", "integer")
+        );
+    }
+}
+
+#[test]
+fn an_ipv6_client_formats_without_allocating() {
+    let mut buf = [0u8; 64];
+    let v6: SocketAddr = "[fe80::1:2:3:4%4294967295]:65535".parse().unwrap();
+    assert!(matches!(
+        format_client(v6, &mut buf),
+        std::borrow::Cow::Borrowed(t) if t == v6.to_string()
+    ));
+    for octet in 0..=255u8 {
+        for port in [0u16, 7, 99, 65535] {
+            let v4 = SocketAddr::from(([octet, 0, 10, octet], port));
+            let n = client_integer(v4).unwrap();
+            assert_eq!(
+                n >> 16,
+                i64::from(u32::from_be_bytes([octet, 0, 10, octet]))
+            );
+            assert_eq!(n & 0xffff, i64::from(port));
+        }
+    }
+}
+
+#[test]
+fn small_integer_ids_read_as_id_value_reads_them() {
+    let mut cases: Vec<String> = [
+        "0",
+        "-0",
+        "7",
+        "-7",
+        "007",
+        "123456789012345678",
+        "-123456789012345678",
+        "1234567890123456789",
+        "9223372036854775807",
+        "-",
+        "",
+        "1e3",
+        "1.5",
+        "+5",
+        "12a",
+        "\"12\"",
+        "true",
+        "null",
+        " 1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    cases.extend((0..2000).map(|i: i64| (i * 7919 - 5000).to_string()));
+    for raw in &cases {
+        let fast = small_integer(raw.as_bytes());
+        if let Some(n) = fast {
+            assert_eq!(protocol::id_value(raw), IdValue::Integer(n), "{raw}");
+        } else {
+            // Left to id_value: none of these is 18 digits or fewer.
+            let digits = raw.strip_prefix('-').unwrap_or(raw);
+            assert!(
+                digits.is_empty()
+                    || digits.len() > 18
+                    || !digits.bytes().all(|b| b.is_ascii_digit()),
+                "{raw}"
+            );
+        }
+    }
+}
+
+/// A journal of schema version 4: text for the client, op and outcome.
+fn make_v4(path: &Path, rows: usize) {
+    let conn = Connection::open(path).unwrap();
+    conn.execute_batch(SCHEMA_V2).unwrap();
+    conn.execute_batch(MIGRATE_FROM_2).unwrap();
+    conn.execute_batch(MIGRATE_FROM_3).unwrap();
+    for i in 0..rows as i64 {
+        conn.execute(
+            "INSERT INTO request_rows (ts_us, client, request_id, op, worker_pid, outcome, latency_us) \
+             VALUES (?1, '127.0.0.1:5', ?1, 'hello', 7, 'busy', 1)",
+            [i],
+        )
+        .unwrap();
+    }
+    assert_eq!(count(&conn, "PRAGMA user_version"), 4);
+}
+
+#[test]
+fn a_version_4_journal_keeps_its_text_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.db");
+    make_v4(&path, 100);
+    let journal = Journal::open(&path, 0).unwrap();
+    let mut rows = varied_rows();
+    let n_new = rows.len() as i64;
+    journal.submit(&mut rows);
+    journal.close();
+    {
+        // A master of schema 4 still writing during a USR2 hand-over.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute(
+            "INSERT INTO request_rows (ts_us, client, request_id, op, worker_pid, outcome, latency_us) \
+             VALUES (1, '10.0.0.1:53', 'x', 'square', 8, 'ok', 2)",
+            [],
+        )
+        .unwrap();
+    }
+    let conn = read_conn(&path);
+    assert_eq!(
+        count(&conn, "PRAGMA user_version"),
+        i64::from(SCHEMA_VERSION)
+    );
+    assert_eq!(
+        count(&conn, "SELECT count(*) FROM requests"),
+        100 + n_new + 1
+    );
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT count(*) FROM requests WHERE client = '127.0.0.1:5' AND op = 'hello' \
+             AND outcome = 'busy' AND request_id = ts_us AND id <= 100"
+        ),
+        100
+    );
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT count(*) FROM requests WHERE client = '10.0.0.1:53' AND op = 'square' \
+             AND outcome = 'ok' AND request_id = 'x'"
+        ),
+        1
+    );
+    let marks = count(&conn, "SELECT count(*) FROM request_marks");
+    assert_eq!(marks, 0, "no mark before 1,024 rows");
+    // A migrated journal and a new one have the same schema.
+    let fresh = dir.path().join("fresh.db");
+    Journal::open(&fresh, 1000).unwrap().close();
+    assert_eq!(schema_sql(&conn), schema_sql(&read_conn(&fresh)));
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+}
+
+#[test]
+fn the_view_is_made_again_when_it_names_other_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.db");
+    Journal::open(&path, 0).unwrap().close();
+    {
+        // The view of a master that knew fewer outcomes.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "DROP VIEW requests; CREATE VIEW requests AS SELECT id, outcome FROM request_rows;",
+        )
+        .unwrap();
+    }
+    let mut rows = vec![row(1)];
+    rows[0].outcome = Outcome::Duplicate;
+    let journal = Journal::open(&path, 0).unwrap();
+    journal.submit(&mut rows);
+    journal.close();
+    let conn = read_conn(&path);
+    let outcome: String = conn
+        .query_row("SELECT outcome FROM requests", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(outcome, "duplicate");
+    // Opened again with the same view: the schema is not written.
+    let before = count(&conn, "PRAGMA schema_version");
+    Journal::open(&path, 0).unwrap().close();
+    assert_eq!(count(&read_conn(&path), "PRAGMA schema_version"), before);
 }
 
 /// Re-runs this test binary as a child that writes rows until it is
@@ -840,7 +1056,10 @@ fn a_version_3_journal_is_migrated_to_time_marks() {
     journal.close();
 
     let conn = read_conn(&path);
-    assert_eq!(count(&conn, "PRAGMA user_version"), 4);
+    assert_eq!(
+        count(&conn, "PRAGMA user_version"),
+        i64::from(SCHEMA_VERSION)
+    );
     assert_eq!(
         count(
             &conn,
