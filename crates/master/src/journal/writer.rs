@@ -577,6 +577,7 @@ impl WriterDb {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         // Keep a WAL that grew during a burst from staying large forever.
         conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
+        conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_PAGES)?;
         let mut db = WriterDb {
             conn,
             path: path.to_owned(),
