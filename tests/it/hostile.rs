@@ -212,10 +212,13 @@ fn sleep_without_fault_injection_is_disabled_and_600_of_them_leave_others_served
     let p99 = squares_p99(&s, "a square among 600 sleeps");
     // The machine's own delay, measured the same way once the sleeps are
     // answered: on a busy machine (CPU hogs beside the suite) scheduling
-    // alone can reach a few ms, and the bound follows it.
+    // alone can reach a few ms, and the bound follows it. The p99 of 200
+    // is their second slowest, so the two figures differ by more than 3x
+    // by chance alone (7.8 against 2.5 ms once, with two hogs); a square
+    // behind a sleep that ran would wait 10,000 ms.
     let got = reader.join().expect("the reader thread panicked");
     let quiet_p99 = squares_p99(&s, "a square after the sleeps");
-    let bound = Duration::from_millis(5).max(quiet_p99 * 3);
+    let bound = Duration::from_millis(10).max(quiet_p99 * 4);
     eprintln!("600 sleeps without the flag: squares p99 {p99:?} (without them {quiet_p99:?}; bound {bound:?})");
     s.check(p99 < bound, || {
         format!("p99 of squares among 600 sleep requests: {p99:?} (bound {bound:?})")
