@@ -449,6 +449,18 @@ fn schema_sql(conn: &Connection) -> Vec<(String, Option<String>)> {
         .collect()
 }
 
+/// A migrated journal has the schema of a new one (made in `dir`) and is
+/// sound.
+fn assert_migrated_like_a_new_journal(conn: &Connection, dir: &Path) {
+    let fresh = dir.join("fresh.db");
+    Journal::open(&fresh, 1000).unwrap().close();
+    assert_eq!(schema_sql(conn), schema_sql(&read_conn(&fresh)));
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+}
+
 #[test]
 fn a_version_2_journal_is_migrated_to_the_schema_of_a_new_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -522,15 +534,7 @@ fn a_version_2_journal_is_migrated_to_the_schema_of_a_new_one() {
             ("server".to_owned(), "127.0.0.1:10001".to_owned()),
         ]
     );
-    let check: String = conn
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(check, "ok");
-
-    // A migrated journal and a new one have the same schema.
-    let fresh = dir.path().join("fresh.db");
-    Journal::open(&fresh, 1000).unwrap().close();
-    assert_eq!(schema_sql(&conn), schema_sql(&read_conn(&fresh)));
+    assert_migrated_like_a_new_journal(&conn, dir.path());
 }
 
 #[test]
@@ -664,6 +668,16 @@ fn varied_rows() -> Vec<RequestRow> {
     rows
 }
 
+/// The rows of `sql`, three text columns each.
+fn text_triples(conn: &Connection, sql: &str) -> Vec<(String, String, String)> {
+    conn.prepare(sql)
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
 #[test]
 fn clients_ops_and_outcomes_are_numbers_the_view_reads_as_text() {
     let dir = tempfile::tempdir().unwrap();
@@ -673,13 +687,10 @@ fn clients_ops_and_outcomes_are_numbers_the_view_reads_as_text() {
     journal.submit(&mut want.clone());
     journal.close();
     let conn = read_conn(&path);
-    let got: Vec<(String, String, String)> = conn
-        .prepare("SELECT client, op, outcome FROM requests ORDER BY id")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let got = text_triples(
+        &conn,
+        "SELECT client, op, outcome FROM requests ORDER BY id",
+    );
     let texts: Vec<(String, String, String)> = want
         .iter()
         .map(|r| {
@@ -692,13 +703,10 @@ fn clients_ops_and_outcomes_are_numbers_the_view_reads_as_text() {
         .collect();
     assert_eq!(got, texts);
     // Stored as numbers: an IPv4 client, every op and every outcome.
-    let stored: Vec<(String, String, String)> = conn
-        .prepare("SELECT typeof(client), typeof(op), typeof(outcome) FROM request_rows ORDER BY id")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let stored = text_triples(
+        &conn,
+        "SELECT typeof(client), typeof(op), typeof(outcome) FROM request_rows ORDER BY id",
+    );
     for (r, (client, op, outcome)) in want.iter().zip(&stored) {
         let client_type = if r.client.is_ipv4() {
             "integer"
@@ -841,14 +849,7 @@ fn a_version_4_journal_keeps_its_text_rows() {
     );
     let marks = count(&conn, "SELECT count(*) FROM request_marks");
     assert_eq!(marks, 0, "no mark before 1,024 rows");
-    // A migrated journal and a new one have the same schema.
-    let fresh = dir.path().join("fresh.db");
-    Journal::open(&fresh, 1000).unwrap().close();
-    assert_eq!(schema_sql(&conn), schema_sql(&read_conn(&fresh)));
-    let check: String = conn
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(check, "ok");
+    assert_migrated_like_a_new_journal(&conn, dir.path());
 }
 
 #[test]
@@ -1092,14 +1093,7 @@ fn a_version_3_journal_is_migrated_to_time_marks() {
         assert_eq!(marked, scanned, "since {since}");
     }
     assert_eq!(window_counts(&conn, max_ts + 1), (3, 3));
-    // A migrated journal and a new one have the same schema.
-    let fresh = dir.path().join("fresh.db");
-    Journal::open(&fresh, 1000).unwrap().close();
-    assert_eq!(schema_sql(&conn), schema_sql(&read_conn(&fresh)));
-    let check: String = conn
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(check, "ok");
+    assert_migrated_like_a_new_journal(&conn, dir.path());
 }
 
 #[test]
