@@ -85,8 +85,8 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
 
 /// The condition, ` AND id > N`, that starts a scan of `requests` for the
 /// rows at or after `since_us` at the first id that can be one, from the
-/// journal's `request_marks` ([`SINCE_FLOOR`]); empty before schema
-/// version 4, whose index on `ts_us` serves `ts_us >= ?`.
+/// journal's `request_marks` ([`SINCE_FLOOR`], schema version 4 on);
+/// empty for older journals, whose index on `ts_us` serves `ts_us >= ?`.
 pub(crate) fn since_floor_sql(
     conn: &Connection,
     version: i32,

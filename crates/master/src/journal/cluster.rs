@@ -11,7 +11,7 @@ use super::*;
 
 /// Cluster events that may wait for the writer; beyond, they are dropped
 /// and counted ([`ClusterJournal::shed`]). A cluster makes a few events per
-/// second, the writer commits every 5 ms: only a stalled disk reaches it.
+/// second, the writer commits every 10 ms: only a stalled disk reaches it.
 pub const MAX_QUEUED_CLUSTER_EVENTS: usize = 4096;
 
 /// What happened in the cluster. The journal stores [`ClusterEventKind::as_str`].
