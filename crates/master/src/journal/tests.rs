@@ -39,16 +39,21 @@ fn count(conn: &Connection, sql: &str) -> i64 {
     conn.query_row(sql, [], |r| r.get(0)).unwrap()
 }
 
+/// The journal is at this master's schema version.
+fn assert_schema_is_current(conn: &Connection) {
+    assert_eq!(
+        count(conn, "PRAGMA user_version"),
+        i64::from(SCHEMA_VERSION)
+    );
+}
+
 #[test]
 fn open_creates_the_schema() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("j.db");
     Journal::open(&path, 1000).unwrap().close();
     let conn = read_conn(&path);
-    assert_eq!(
-        count(&conn, "PRAGMA user_version"),
-        i64::from(SCHEMA_VERSION)
-    );
+    assert_schema_is_current(&conn);
     let mode: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
@@ -77,10 +82,7 @@ fn open_creates_the_schema() {
     );
     // Reopening an existing journal works and keeps the schema.
     Journal::open(&path, 1000).unwrap().close();
-    assert_eq!(
-        count(&conn, "PRAGMA user_version"),
-        i64::from(SCHEMA_VERSION)
-    );
+    assert_schema_is_current(&conn);
 }
 
 #[test]
@@ -399,10 +401,7 @@ fn a_version_1_journal_is_migrated_with_its_ids_as_values() {
     }
     Journal::open(&path, 1000).unwrap().close();
     let conn = read_conn(&path);
-    assert_eq!(
-        count(&conn, "PRAGMA user_version"),
-        i64::from(SCHEMA_VERSION)
-    );
+    assert_schema_is_current(&conn);
     let mut want: Vec<Value> = cases.into_iter().map(|(_, v)| v).collect();
     want.push(Value::Null);
     // SQLite's JSON functions read each id as protocol::id_value does.
@@ -495,10 +494,7 @@ fn a_version_2_journal_is_migrated_to_the_schema_of_a_new_one() {
     journal.close();
 
     let conn = read_conn(&path);
-    assert_eq!(
-        count(&conn, "PRAGMA user_version"),
-        i64::from(SCHEMA_VERSION)
-    );
+    assert_schema_is_current(&conn);
     // The old rows are all there, without stamps; the new ones have theirs.
     assert_eq!(count(&conn, "SELECT count(*) FROM requests"), 103);
     assert_eq!(
@@ -823,10 +819,7 @@ fn a_version_4_journal_keeps_its_text_rows() {
         .unwrap();
     }
     let conn = read_conn(&path);
-    assert_eq!(
-        count(&conn, "PRAGMA user_version"),
-        i64::from(SCHEMA_VERSION)
-    );
+    assert_schema_is_current(&conn);
     assert_eq!(
         count(&conn, "SELECT count(*) FROM requests"),
         100 + n_new + 1
@@ -1057,10 +1050,7 @@ fn a_version_3_journal_is_migrated_to_time_marks() {
     journal.close();
 
     let conn = read_conn(&path);
-    assert_eq!(
-        count(&conn, "PRAGMA user_version"),
-        i64::from(SCHEMA_VERSION)
-    );
+    assert_schema_is_current(&conn);
     assert_eq!(
         count(
             &conn,
