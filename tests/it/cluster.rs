@@ -235,11 +235,10 @@ fn threads_and_sockets(pid: u32) -> (usize, usize) {
     (threads, sockets)
 }
 
-/// [`load_in_background`] at 300 requests/s for 4 s over 3 sockets spread
-/// round-robin over the servers `loadgen --discover SEED` finds, each
-/// request retried once after 200 ms before it fails over.
-fn load_discovering(seed: &str) -> std::thread::JoinHandle<(std::process::Output, bool, Command)> {
-    load_in_background(&[
+/// `loadgen` arguments: 300 requests/s for `seconds` over 3 sockets spread
+/// round-robin over the servers `--discover SEED` finds.
+fn discovering_args<'a>(seed: &'a str, seconds: &'a str) -> [&'a str; 10] {
+    [
         "--discover",
         seed,
         "--policy",
@@ -249,12 +248,16 @@ fn load_discovering(seed: &str) -> std::thread::JoinHandle<(std::process::Output
         "--rate",
         "300",
         "--duration",
-        "4",
-        "--retries",
-        "1",
-        "--timeout-ms",
-        "200",
-    ])
+        seconds,
+    ]
+}
+
+/// [`load_in_background`] with [`discovering_args`] for 4 s, each request
+/// retried once after 200 ms before it fails over.
+fn load_discovering(seed: &str) -> std::thread::JoinHandle<(std::process::Output, bool, Command)> {
+    let mut args = discovering_args(seed, "4").to_vec();
+    args.extend(["--retries", "1", "--timeout-ms", "200"]);
+    load_in_background(&args)
 }
 
 /// Starts `loadgen ARGS --json --quiet` on a thread (at most 60 s) and
@@ -356,23 +359,9 @@ fn three_servers_form_one_view_and_clients_discover_and_spread_over_them() {
         describe(&cmd, &out)
     );
     // loadgen discovers too, and loses nothing.
-    let (out, cmd) = run(
-        "loadgen",
-        &[
-            "--discover",
-            &seed,
-            "--policy",
-            "round-robin",
-            "--sockets",
-            "3",
-            "--rate",
-            "300",
-            "--duration",
-            "1",
-            "--json",
-            "--quiet",
-        ],
-    );
+    let mut args = discovering_args(&seed, "1").to_vec();
+    args.extend(["--json", "--quiet"]);
+    let (out, cmd) = run("loadgen", &args);
     let r = report(&out, &cmd);
     let per_server: Vec<u64> = r["servers"]
         .as_array()
