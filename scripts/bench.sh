@@ -21,7 +21,8 @@
 #
 # Comparing two builds: --baseline DIR, where DIR holds another build's
 # master and worker (scripts/bench/build-baseline.sh REV DIR makes one),
-# adds pool@baseline and journal@baseline (for those of pool and journal that
+# adds pool@baseline, journal@baseline and trimmed@baseline (for those of pool,
+# journal and trimmed that
 # --configs selects): the same flags, run from DIR, loaded by this build's
 # loadgen, alternating with the others in every round and at the same latency
 # rate. It then prints current/baseline ratios of peak throughput, CPU per

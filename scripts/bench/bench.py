@@ -10,6 +10,10 @@ Configurations (each started fresh for every measurement, on a free
   pool2    master --workers 2 --journal none   (scaling: two workers)
   inline   master --workers 0 --journal none   (no pool: the local limit)
   journal  master --workers 4 --journal <temp file>   (the default configuration)
+  trimmed  journal with --journal-max-rows 10000: a journal at its row limit,
+           where retention deletes the oldest requests as new ones come, as
+           in a server that has run long enough (the bench's fresh journals
+           otherwise never reach the default limit of 1,000,000)
   python   scripts/bench/pool_server.py --workers 4   (the lecture's design)
   guarded  pool with the load's source outside --trusted (rate limiter, reply bound)
   nodedup  pool with --dedup-window 0: the duplicate request cache off (pool has
@@ -20,8 +24,8 @@ Configurations (each started fresh for every measurement, on a free
            write instead; no process isolation)
 
 With --baseline DIR (the master, worker and loadgen of another build, e.g.
-from scripts/bench/build-baseline.sh), every selected `pool` and `journal`
-gets a twin, `pool@baseline` and `journal@baseline`: the same flags, with
+from scripts/bench/build-baseline.sh), every selected `pool`, `journal` and
+`trimmed` gets a twin, `pool@baseline`, ...: the same flags, with
 DIR's master (which starts DIR's worker). loadgen is always the current
 build's, so only the server differs. The twins run in every round with the
 others and at the same latency rate, and a line per twin gives the ratios
@@ -68,6 +72,7 @@ CONFIGS = {
     "pool": "master --workers 4 --journal none",
     "inline": "master --workers 0 --journal none",
     "journal": "master --workers 4 --journal (temp file)",
+    "trimmed": "master --workers 4 --journal (temp file) --journal-max-rows 10000",
     "python": "pool_server.py --workers 4 (multiprocessing.Pool + apply_async)",
     # The load's source (127.0.0.1) untrusted: each datagram goes through the
     # rate limiter's table and each reply through the amplification bound
@@ -81,12 +86,12 @@ CONFIGS = {
     "nodedup": "master --workers 4 --journal none --dedup-window 0",
 }
 # Distinct answering pids (thread ids for tokio) that mean "ready".
-WORKERS = {"pool": 4, "inline": 1, "journal": 4, "python": 4, "guarded": 4, "pool1": 1, "pool2": 2, "tokio": 1,
+WORKERS = {"pool": 4, "inline": 1, "journal": 4, "trimmed": 4, "python": 4, "guarded": 4, "pool1": 1, "pool2": 2, "tokio": 1,
            "nodedup": 4}
 # The configurations that also run the load80 phase.
 LOAD80 = ("journal",)
 # Configurations that --baseline runs a second time from the baseline's binaries.
-BASELINE_OF = {"pool@baseline": "pool", "journal@baseline": "journal"}
+BASELINE_OF = {"pool@baseline": "pool", "journal@baseline": "journal", "trimmed@baseline": "trimmed"}
 
 # Whole-run budget: stop starting new measurements past this.
 BUDGET_S = 9 * 60
@@ -119,8 +124,9 @@ def server_command(config, bin_dir, port, tmp):
                 "--threads", "4"]
     master = os.path.join(bin_dir, "master")
     workers = {"inline": "0", "pool1": "1", "pool2": "2"}.get(config, "4")
-    journal = os.path.join(tmp, "journal.db") if config == "journal" else "none"
+    journal = os.path.join(tmp, "journal.db") if config in ("journal", "trimmed") else "none"
     extra = {
+        "trimmed": ["--journal-max-rows", "10000"],
         "guarded": ["--trusted", "127.0.0.3", "--rate-limit", "10000000"],
         "nodedup": ["--dedup-window", "0"],
     }.get(config, [])
@@ -411,7 +417,8 @@ def scaling_table(summary, configs):
         "| context switches/request at peak | at the latency rate |",
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    for c in ("inline", "pool1", "pool2", "pool", "pool@baseline", "journal", "journal@baseline", "tokio"):
+    for c in ("inline", "pool1", "pool2", "pool", "pool@baseline", "journal", "journal@baseline", "trimmed",
+              "trimmed@baseline", "tokio"):
         if c not in configs:
             continue
         s = summary[c]
@@ -451,6 +458,11 @@ def targets(summary):
         journal_cpu = s["journal"]["cpu_us_per_req"] - s["pool"]["cpu_us_per_req"]
     check("the journal adds <= 1.5 µs of CPU per request", journal_cpu, lambda v: v <= 1.5,
           lambda v: "%+.2f µs" % v)
+    trimmed_cpu = None
+    if s["trimmed"].get("cpu_us_per_req") is not None and s["pool"].get("cpu_us_per_req") is not None:
+        trimmed_cpu = s["trimmed"]["cpu_us_per_req"] - s["pool"]["cpu_us_per_req"]
+    check("the journal at its row limit (trimmed) adds <= 1.5 µs of CPU per request", trimmed_cpu,
+          lambda v: v <= 1.5, lambda v: "%+.2f µs" % v)
     check("default configuration (journal on): p99 < 2 ms at half of its peak", s["journal"].get("p99_us"),
           lambda v: v < 2000, lambda v: "%s at %s/s" % (us(v), fmt(s["journal"].get("rate"), ",.0f")))
     check("default configuration: no busy at half of its peak",
@@ -545,7 +557,7 @@ def main():
                    help="comma-separated subset of: " + ", ".join(CONFIGS) + " (--baseline adds the twins)")
     p.add_argument("--baseline", metavar="DIR", default=os.environ.get("BENCH_BASELINE") or None,
                    help="also run pool and journal (where selected) from DIR's master and worker, as "
-                        "pool@baseline and journal@baseline, and print current/baseline ratios")
+                        "pool@baseline, journal@baseline and trimmed@baseline, and print current/baseline ratios")
     p.add_argument("--out", help="also write table.md, results.json and plots into this directory")
     args = p.parse_args()
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]

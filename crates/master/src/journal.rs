@@ -1,6 +1,7 @@
-//! The SQLite journal: one row per answered request, one row per worker the
-//! master started, written by a dedicated thread so the datagram path never
-//! waits for the disk.
+//! The SQLite journal: one row per answered request (in the view
+//! `requests`; written 256 to a row of `request_batches`), one row per
+//! worker the master started, written by a dedicated thread so the
+//! datagram path never waits for the disk.
 //!
 //! The master builds [`RequestRow`]s (no heap allocation per row) and hands
 //! them over in batches with [`Journal::submit`], which only takes a lock
@@ -39,10 +40,7 @@ use crate::exit::{exit_status_text, ExitReason};
 use anyhow::{bail, Context as _};
 use protocol::frame::MAX_DONE_ID;
 use protocol::{IdValue, Op, Outcome};
-use rusqlite::types::Null;
-use rusqlite::{
-    params, Connection, OpenFlags, OptionalExtension as _, Statement, TransactionBehavior,
-};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension as _, TransactionBehavior};
 
 mod cluster;
 #[cfg(test)]
@@ -50,6 +48,9 @@ mod tests;
 mod writer;
 
 pub use cluster::{ClusterEvent, ClusterEventKind, ClusterJournal, MAX_QUEUED_CLUSTER_EVENTS};
+pub(crate) use writer::requests_source_sql;
+#[cfg(test)]
+pub(crate) use writer::BATCH_ROWS;
 /// Schema version 2, to make old journals in tests.
 #[cfg(test)]
 pub(crate) use writer::SCHEMA_V2;
@@ -57,7 +58,7 @@ pub use writer::SINCE_FLOOR;
 use writer::*;
 
 /// The schema version this code writes and reads, kept in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i32 = 5;
+pub const SCHEMA_VERSION: i32 = 6;
 
 /// How far the writer may fall behind, in queued rows, before batches are
 /// shed: about 0.2 s of full load, and with the batch the writer holds,

@@ -21,7 +21,7 @@ use hdrhistogram::Histogram;
 use rusqlite::{Connection, OpenFlags};
 use serde_json::{json, Value};
 
-use crate::journal::{now_unix_us, SCHEMA_VERSION, SINCE_FLOOR};
+use crate::journal::{now_unix_us, requests_source_sql, SCHEMA_VERSION, SINCE_FLOOR};
 
 /// `master report --journal PATH [--journal PATH ...] [--since DURATION]
 /// [--rows N] [--timeline N] [--json]`.
@@ -97,6 +97,30 @@ pub(crate) fn since_floor_sql(
     }
     let floor: i64 = conn.query_row(SINCE_FLOOR, [since_us], |r| r.get(0))?;
     Ok(format!(" AND id > {floor}"))
+}
+
+/// What a scan of `requests` reads, to follow `FROM`: all of the view, or
+/// with `since_us` the rows received at or after `?1`, starting at the
+/// first id that can be one ([`since_floor_sql`]). Schema version 6 on,
+/// a view cannot start there (a batched request's id is computed), so
+/// the same rows come from [`requests_source_sql`] with the floor.
+pub(crate) fn requests_scan_sql(
+    conn: &Connection,
+    version: i32,
+    since_us: Option<i64>,
+) -> rusqlite::Result<String> {
+    let Some(since_us) = since_us else {
+        return Ok("requests".to_owned());
+    };
+    if version < 6 {
+        let floor = since_floor_sql(conn, version, since_us)?;
+        return Ok(format!("requests WHERE ts_us >= ?1{floor}"));
+    }
+    let floor: i64 = conn.query_row(SINCE_FLOOR, [since_us], |r| r.get(0))?;
+    Ok(format!(
+        "({}) WHERE ts_us >= ?1",
+        requests_source_sql(Some(floor))
+    ))
 }
 
 /// The first instant (unix µs) of the window of length `since` that ends
@@ -342,11 +366,9 @@ impl Report {
         } else {
             merge::hlc_key_sql(version)
         };
-        let mut sql = format!("SELECT ts_us, worker_pid, outcome, latency_us, {key} FROM requests");
-        if self.since_us.is_some() {
-            sql.push_str(" WHERE ts_us >= ?1");
-            sql.push_str(&since_floor_sql(conn, version, since)?);
-        } // No WHERE otherwise: a plain table scan beats walking an index.
+        // No WHERE without --since: a plain table scan beats walking an index.
+        let scan = requests_scan_sql(conn, version, self.since_us)?;
+        let sql = format!("SELECT ts_us, worker_pid, outcome, latency_us, {key} FROM {scan}");
         let mut stmt = conn.prepare(&sql)?;
         let mut rows = if self.since_us.is_some() {
             stmt.query([since])?

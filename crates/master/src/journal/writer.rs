@@ -219,32 +219,72 @@ pub(super) const MIGRATE_FROM_4: &str = "DROP VIEW requests;
     DROP TABLE request_rows_v4;
     PRAGMA user_version = 5;";
 
-/// The view `requests` of schema version 5: the rows of `request_rows`
-/// with readable text for what is stored as numbers ([`MIGRATE_FROM_4`])
-/// and the times (`ts`, `hlc_at`), computed only when a query reads them.
-/// The names of ops and outcomes come from [`Op::ALL`] and
-/// [`Outcome::ALL`], so a journal opened by a master that knows more of
-/// them gets a view that names them too ([`WriterDb::prepare_schema`]); a
-/// number the view does not name, and text, read as they are stored.
-pub(super) fn requests_view_sql() -> &'static str {
-    static SQL: OnceLock<String> = OnceLock::new();
-    SQL.get_or_init(|| {
-        let mut op = String::from("CASE op");
-        for o in Op::ALL {
-            op.push_str(&format!(" WHEN {} THEN '{}'", o as u8, o.as_str()));
-        }
-        op.push_str(" ELSE op END");
-        let mut outcome = String::from("CASE outcome");
-        for o in Outcome::ALL {
-            outcome.push_str(&format!(" WHEN {} THEN '{}'", o.to_u8(), o.as_str()));
-        }
-        outcome.push_str(" ELSE outcome END");
-        let client = "CASE WHEN typeof(client) = 'integer' THEN \
-             ((client >> 40) & 255) || '.' || ((client >> 32) & 255) || '.' || \
-             ((client >> 24) & 255) || '.' || ((client >> 16) & 255) || ':' || (client & 65535) \
-             ELSE client END";
-        format!(
-            "CREATE VIEW requests AS SELECT
+/// From schema version 5 to version 6: request rows are written in
+/// batches, one row of `request_batches` for up to [`BATCH_ROWS`]
+/// requests, whose `rows` is a JSON array with one array per request
+/// ([`encode_batch`]). A SQLite row costs the writer about 1 µs to
+/// insert and as much again to delete when retention drops it; a batch
+/// row costs that once per batch, and its requests a few dozen
+/// nanoseconds each to encode. `request_rows` stays: it keeps the rows
+/// written before, and those of a schema-5 master still writing during a
+/// `USR2` hand-over; the view `requests` reads both
+/// ([`requests_source_sql`]).
+pub(super) const MIGRATE_FROM_5: &str = "CREATE TABLE request_batches (
+        first_id    INTEGER PRIMARY KEY,
+        n           INTEGER NOT NULL,
+        ts_us       INTEGER NOT NULL,
+        max_ts_us   INTEGER NOT NULL,
+        hlc         INTEGER,
+        rows        TEXT NOT NULL
+    );
+    PRAGMA user_version = 6;";
+
+/// Requests per `request_batches` row ([`MIGRATE_FROM_5`]): their JSON is
+/// about 16 KiB, four pages.
+pub(crate) const BATCH_ROWS: usize = 256;
+
+/// The rows of `requests` (schema version 6) as a `SELECT`: those of
+/// `request_rows` and, one per element of its JSON, those of
+/// `request_batches`, with readable text for what is stored as numbers
+/// ([`MIGRATE_FROM_4`]) and the times (`ts`, `hlc_at`), computed only
+/// when a query reads them. The names of ops and outcomes come from
+/// [`Op::ALL`] and [`Outcome::ALL`], so a journal opened by a master that
+/// knows more of them gets a view that names them too
+/// ([`WriterDb::prepare_schema`]); a number the view does not name, and
+/// text, read as they are stored.
+///
+/// With `after_id`, only the requests with a greater id, found through
+/// each table's primary key: a query on the view cannot find them so,
+/// since a batched request's id is computed (`master report --since`
+/// reads through this).
+pub(crate) fn requests_source_sql(after_id: Option<i64>) -> String {
+    let mut op = String::from("CASE op");
+    for o in Op::ALL {
+        op.push_str(&format!(" WHEN {} THEN '{}'", o as u8, o.as_str()));
+    }
+    op.push_str(" ELSE op END");
+    let mut outcome = String::from("CASE outcome");
+    for o in Outcome::ALL {
+        outcome.push_str(&format!(" WHEN {} THEN '{}'", o.to_u8(), o.as_str()));
+    }
+    outcome.push_str(" ELSE outcome END");
+    let client = "CASE WHEN typeof(client) = 'integer' THEN \
+         ((client >> 40) & 255) || '.' || ((client >> 32) & 255) || '.' || \
+         ((client >> 24) & 255) || '.' || ((client >> 16) & 255) || ':' || (client & 65535) \
+         ELSE client END";
+    let (rows_where, batches_where) = match after_id {
+        None => (String::new(), String::new()),
+        Some(id) => (
+            format!(" WHERE id > {id}"),
+            // A batch holds at most BATCH_ROWS ids from its first_id.
+            format!(
+                " WHERE b.first_id > {} AND b.first_id + r.key > {id}",
+                id.saturating_sub(BATCH_ROWS as i64)
+            ),
+        ),
+    };
+    format!(
+        "SELECT
         id, ts_us, {ts} AS ts,
         {client} AS client,
         request_id,
@@ -253,11 +293,21 @@ pub(super) fn requests_view_sql() -> &'static str {
         {outcome} AS outcome,
         latency_us, hlc,
         CASE WHEN hlc IS NULL THEN NULL ELSE {hlc_at} END AS hlc_at
-        FROM request_rows",
-            ts = iso_utc!("ts_us"),
-            hlc_at = hlc_at!(),
-        )
-    })
+        FROM (SELECT id, ts_us, client, request_id, op, worker_pid, outcome, latency_us, hlc
+            FROM request_rows{rows_where}
+        UNION ALL
+        SELECT b.first_id + r.key, b.ts_us + (r.value ->> 0), r.value ->> 1, r.value ->> 2,
+            r.value ->> 3, r.value ->> 4, r.value ->> 5, r.value ->> 6, b.hlc + (r.value ->> 7)
+            FROM request_batches AS b, json_each(b.rows) AS r{batches_where})",
+        ts = iso_utc!("ts_us"),
+        hlc_at = hlc_at!(),
+    )
+}
+
+/// The view `requests` of schema version 6 ([`requests_source_sql`]).
+pub(super) fn requests_view_sql() -> &'static str {
+    static SQL: OnceLock<String> = OnceLock::new();
+    SQL.get_or_init(|| format!("CREATE VIEW requests AS {}", requests_source_sql(None)))
 }
 
 /// The `client` column's integer for an IPv4 client, `ip << 16 | port`
@@ -283,51 +333,18 @@ pub const SINCE_FLOOR: &str =
 pub(super) const UPSERT_META: &str = "INSERT INTO meta (key, value) VALUES (?1, ?2) \
      ON CONFLICT (key) DO UPDATE SET value = excluded.value";
 
-/// `OR FAIL`: a multi-row `INSERT` under the default `OR ABORT` makes
-/// SQLite keep a statement journal (a copy of every page the statement
-/// first touches, to undo its earlier rows should a later one fail a
-/// constraint); with `OR FAIL` it keeps none, which took
-/// `writer_throughput` from 3.87 to 3.73 billion instructions. Nothing
-/// is lost by it: no bound value can fail a constraint (`NOT NULL` only),
-/// and any error still rolls back the whole batch's transaction
-/// ([`WriterDb::write_tx`]).
-pub(super) const INSERT_REQUEST: &str = "INSERT OR FAIL INTO request_rows \
-     (ts_us, client, request_id, op, worker_pid, outcome, latency_us, hlc) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
-/// The parameters per row of [`INSERT_REQUEST`].
-pub(super) const REQUEST_COLUMNS: usize = 8;
-/// Rows per multi-row `INSERT` ([`insert_many_sql`]): one statement step
-/// per this many rows instead of one per row, which took the writer from
-/// about 500k to 620k rows/s (390k to 520k with retention) in
-/// `journal::tests::writer_throughput`; 16 and 64 rows measured a little
-/// slower, 128 clearly so. The rest of a batch goes through
-/// [`INSERT_REQUEST`].
-pub(super) const INSERT_MANY_ROWS: usize = 32;
+/// One `request_batches` row ([`MIGRATE_FROM_5`]).
+pub(super) const INSERT_BATCH: &str =
+    "INSERT INTO request_batches (first_id, n, ts_us, max_ts_us, hlc, rows) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
 
-/// [`INSERT_REQUEST`] for [`INSERT_MANY_ROWS`] rows at once, built once.
-pub(super) fn insert_many_sql() -> &'static str {
-    static SQL: OnceLock<String> = OnceLock::new();
-    SQL.get_or_init(|| {
-        let mut sql = String::from(
-            "INSERT OR FAIL INTO request_rows \
-             (ts_us, client, request_id, op, worker_pid, outcome, latency_us, hlc) VALUES ",
-        );
-        for i in 0..INSERT_MANY_ROWS {
-            if i > 0 {
-                sql.push(',');
-            }
-            sql.push('(');
-            for c in 0..REQUEST_COLUMNS {
-                if c > 0 {
-                    sql.push(',');
-                }
-                sql.push('?');
-            }
-            sql.push(')');
-        }
-        sql
-    })
-}
+/// The id the next request gets: one above the highest in either table,
+/// read inside the writing transaction, so that another master writing
+/// the same journal (while `USR2` replaces one) never gets the same ids.
+pub(super) const NEXT_REQUEST_ID: &str = "SELECT max(
+        coalesce((SELECT max(id) FROM request_rows), 0),
+        coalesce((SELECT first_id + n - 1 FROM request_batches ORDER BY first_id DESC LIMIT 1), 0)
+    ) + 1";
 
 pub(super) const INSERT_WORKER: &str =
     "INSERT INTO workers (pid, started_us, started_hlc) VALUES (?1, ?2, ?3)";
@@ -374,6 +391,8 @@ pub(super) struct WriterDb {
     last_shed_event: Option<Instant>,
     last_failure_log: Option<Instant>,
     failed_batches: u64,
+    /// The JSON of the batch being inserted, reused ([`encode_batch`]).
+    batch_text: Vec<u8>,
 }
 
 /// Where the writer is in `request_marks` ([`MIGRATE_FROM_3`]).
@@ -402,15 +421,21 @@ impl Marks {
                 rusqlite::Error::QueryReturnedNoRows => Ok((0, None)),
                 e => Err(e),
             })?;
+        // A batch that straddles the mark counts whole: its own
+        // max_ts_us is the most its rows after the mark can have.
         let (unmarked, tail_max): (i64, Option<i64>) = conn.query_row(
-            "SELECT count(*), max(ts_us) FROM request_rows WHERE id > ?1",
+            &format!(
+                "SELECT (SELECT count(*) FROM request_rows WHERE id > ?1) \
+                 + (SELECT coalesce(sum(n), 0) FROM request_batches \
+                    WHERE first_id > ?1 - {BATCH_ROWS} AND first_id + n - 1 > ?1), \
+                 (SELECT max(m) FROM (SELECT max(ts_us) AS m FROM request_rows WHERE id > ?1 \
+                    UNION ALL SELECT max(max_ts_us) FROM request_batches \
+                    WHERE first_id > ?1 - {BATCH_ROWS} AND first_id + n - 1 > ?1))"
+            ),
             [last_id],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
-        let top: i64 =
-            conn.query_row("SELECT coalesce(max(id), 0) FROM request_rows", [], |r| {
-                r.get(0)
-            })?;
+        let top: i64 = conn.query_row(NEXT_REQUEST_ID, [], |r| r.get::<_, i64>(0))? - 1;
         Ok(Marks {
             max_ts_us: marked_max.max(tail_max).unwrap_or(i64::MIN),
             unmarked: unmarked.max(0) as u64,
@@ -590,6 +615,7 @@ impl WriterDb {
             last_shed_event: None,
             last_failure_log: None,
             failed_batches: 0,
+            batch_text: Vec::new(),
         };
         db.prepare_schema(origin)?;
         let check: String = db.conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
@@ -622,7 +648,7 @@ impl WriterDb {
             }
             1 => {
                 log::info!(
-                    "journal: schema version 1 -> 5 (request ids as values, HLC stamps, time marks, numbers for client, op and outcome)"
+                    "journal: schema version 1 -> 6 (request ids as values, HLC stamps, time marks, numbers for client, op and outcome, requests in batches)"
                 );
                 tx.execute_batch(MIGRATE_FROM_1)
                     .context("cannot migrate the journal from schema version 1")?;
@@ -633,7 +659,7 @@ impl WriterDb {
             }
             2 => {
                 log::info!(
-                    "journal: schema version 2 -> 5 (HLC stamps, cluster events, time marks, numbers for client, op and outcome)"
+                    "journal: schema version 2 -> 6 (HLC stamps, cluster events, time marks, numbers for client, op and outcome, requests in batches)"
                 );
                 tx.execute_batch(MIGRATE_FROM_2)
                     .context("cannot migrate the journal from schema version 2")?;
@@ -641,21 +667,28 @@ impl WriterDb {
                     .context("cannot migrate the journal from schema version 3")?;
             }
             3 => {
-                log::info!("journal: schema version 3 -> 5 (time marks, numbers for client, op and outcome)");
+                log::info!("journal: schema version 3 -> 6 (time marks, numbers for client, op and outcome, requests in batches)");
                 tx.execute_batch(MIGRATE_FROM_3)
                     .context("cannot migrate the journal from schema version 3")?;
             }
-            4 | SCHEMA_VERSION => {}
+            4 | 5 | SCHEMA_VERSION => {}
             v => bail!(
                 "journal schema version {v} is newer than this master understands ({SCHEMA_VERSION})"
             ),
         }
-        if version < SCHEMA_VERSION {
+        if version < 5 {
             if version == 4 {
-                log::info!("journal: schema version 4 -> 5 (numbers for client, op and outcome)");
+                log::info!("journal: schema version 4 -> 6 (numbers for client, op and outcome, requests in batches)");
             }
             tx.execute_batch(MIGRATE_FROM_4)
                 .context("cannot migrate the journal from schema version 4")?;
+        }
+        if version < SCHEMA_VERSION {
+            if version == 5 {
+                log::info!("journal: schema version 5 -> 6 (requests in batches)");
+            }
+            tx.execute_batch(MIGRATE_FROM_5)
+                .context("cannot migrate the journal from schema version 5")?;
         }
         // The view names the ops and outcomes this master knows.
         let view: Option<String> = tx
@@ -696,9 +729,12 @@ impl WriterDb {
 
     pub(super) fn count_requests(&self) -> rusqlite::Result<u64> {
         self.conn
-            .query_row("SELECT count(*) FROM request_rows", [], |r| {
-                r.get::<_, i64>(0)
-            })
+            .query_row(
+                "SELECT (SELECT count(*) FROM request_rows) \
+                 + (SELECT coalesce(sum(n), 0) FROM request_batches)",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
             .map(|n| n.max(0) as u64)
     }
 
@@ -825,27 +861,21 @@ impl WriterDb {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         if !rows.is_empty() {
-            let mut client_buf = [0u8; 64];
-            let mut chunks = rows.chunks_exact(INSERT_MANY_ROWS);
-            if chunks.len() > 0 {
-                let mut insert_many = tx.prepare_cached(insert_many_sql())?;
-                for chunk in &mut chunks {
-                    for (i, row) in chunk.iter().enumerate() {
-                        bind_request(&mut insert_many, i * REQUEST_COLUMNS, row, &mut client_buf)?;
-                    }
-                    insert_many.raw_execute()?;
-                }
-            }
-            let rest = chunks.remainder();
-            if !rest.is_empty() {
-                let mut insert = tx.prepare_cached(INSERT_REQUEST)?;
-                for row in rest {
-                    bind_request(&mut insert, 0, row, &mut client_buf)?;
-                    insert.raw_execute()?;
-                }
+            let mut next_id: i64 = tx
+                .prepare_cached(NEXT_REQUEST_ID)?
+                .query_row([], |r| r.get(0))?;
+            let mut insert = tx.prepare_cached(INSERT_BATCH)?;
+            for batch in rows.chunks(BATCH_ROWS) {
+                self.batch_text.clear();
+                let (ts_us, max_ts_us, hlc) = encode_batch(batch, &mut self.batch_text);
+                // All ASCII but the JSON strings, which are UTF-8.
+                let text = std::str::from_utf8(&self.batch_text)?;
+                let n = batch.len() as i64;
+                insert.execute(params![next_id, n, ts_us, max_ts_us, hlc, text])?;
+                next_id += n;
             }
             request_rows += rows.len() as u64;
-            marks.after_insert(&tx, rows, tx.last_insert_rowid())?;
+            marks.after_insert(&tx, rows, next_id - 1)?;
         }
         for event in workers {
             match *event {
@@ -933,8 +963,9 @@ impl WriterDb {
 }
 
 /// Deletes the oldest requests once the table is more than a tenth (at
-/// least 100 rows) over `max_rows`, back down to `max_rows`: old rows go
-/// in batches, not one per insert. Returns the new row count.
+/// least [`BATCH_ROWS`] rows) over `max_rows`, back down to `max_rows`,
+/// or up to `BATCH_ROWS - 1` more (a batch goes whole): old rows go in
+/// batches, not one per insert. Returns the new row count.
 pub(super) fn apply_retention(
     tx: &Connection,
     max_rows: u64,
@@ -943,27 +974,45 @@ pub(super) fn apply_retention(
     if max_rows == 0 {
         return Ok(request_rows);
     }
-    let slack = (max_rows / 10).max(100);
+    let slack = (max_rows / 10).max(BATCH_ROWS as u64);
     if request_rows <= max_rows + slack {
         return Ok(request_rows);
     }
-    // Ids grow by one per insert and only the oldest are deleted, so the
-    // newest `max_rows` rows are those above `max(id) - max_rows`.
+    // Ids grow by one per request and only the oldest are deleted, so the
+    // newest `max_rows` rows are those above `top - max_rows`; a batch
+    // goes when all its rows do, so up to BATCH_ROWS - 1 more stay.
     let keep = i64::try_from(max_rows).unwrap_or(i64::MAX);
-    let deleted = tx
-        .prepare_cached(
-            "DELETE FROM request_rows WHERE id <= (SELECT max(id) FROM request_rows) - ?1",
-        )?
-        .execute([keep])? as u64;
+    let top = tx
+        .prepare_cached(NEXT_REQUEST_ID)?
+        .query_row([], |r| r.get::<_, i64>(0))?
+        - 1;
+    let last_old = top.saturating_sub(keep);
+    let mut deleted = tx
+        .prepare_cached("DELETE FROM request_rows WHERE id <= ?1")?
+        .execute([last_old])? as u64;
+    let old_batches = "FROM request_batches WHERE first_id <= ?1 AND first_id + n - 1 <= ?1";
+    let batched: i64 = tx
+        .prepare_cached(&format!("SELECT coalesce(sum(n), 0) {old_batches}"))?
+        .query_row([last_old], |r| r.get(0))?;
+    tx.prepare_cached(&format!("DELETE {old_batches}"))?
+        .execute([last_old])?;
+    deleted += batched.max(0) as u64;
     // The marks of deleted rows only: a mark covers the rows up to its id.
     tx.prepare_cached(
-        "DELETE FROM request_marks WHERE last_id < (SELECT coalesce(min(id), 0) FROM request_rows)",
+        "DELETE FROM request_marks WHERE last_id < (SELECT min(coalesce( \
+             (SELECT min(id) FROM request_rows), ?1), coalesce( \
+             (SELECT first_id FROM request_batches ORDER BY first_id LIMIT 1), ?1)))",
     )?
-    .execute([])?;
+    .execute([top.saturating_add(1)])?;
     let left = request_rows.saturating_sub(deleted);
     if left > max_rows + slack {
         // Ids with gaps (rows deleted by hand): count for real.
-        let n: i64 = tx.query_row("SELECT count(*) FROM request_rows", [], |r| r.get(0))?;
+        let n: i64 = tx.query_row(
+            "SELECT (SELECT count(*) FROM request_rows) \
+             + (SELECT coalesce(sum(n), 0) FROM request_batches)",
+            [],
+            |r| r.get(0),
+        )?;
         return Ok(n.max(0) as u64);
     }
     Ok(left)
@@ -996,31 +1045,40 @@ pub(super) fn trim_aux_tables(tx: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Binds a request's id to parameter `index` as the value it denotes
-/// ([`protocol::id_value`]): a string as TEXT without its quotes, an
-/// integer as INTEGER, another number as REAL, `true`/`false` as 1/0 (as
-/// SQLite reads them), and `null`, like no id, as NULL. Allocates only for
-/// a string with escapes.
-pub(super) fn bind_request_id(
-    stmt: &mut Statement<'_>,
-    index: usize,
-    id: Option<&RequestId>,
-) -> rusqlite::Result<()> {
+/// Appends a request's id to `out` as the JSON value that `->>` reads as
+/// the SQL value it denotes ([`protocol::id_value`]): a string as TEXT
+/// without its quotes, an integer as INTEGER, another number as REAL,
+/// `true`/`false` as 1/0 (as SQLite reads them), and `null`, like no id,
+/// as NULL. Allocates only for a string with escapes.
+pub(super) fn encode_request_id(out: &mut Vec<u8>, id: Option<&RequestId>) {
     let Some(id) = id else {
-        return stmt.raw_bind_parameter(index, Null);
+        out.extend_from_slice(b"null");
+        return;
     };
+    let mut digits = itoa::Buffer::new();
     if let Some(n) = small_integer(id.as_bytes()) {
-        return stmt.raw_bind_parameter(index, n);
+        out.extend_from_slice(digits.format(n).as_bytes());
+        return;
     }
     // Borrowed unless a cut left bytes that are not UTF-8.
     let raw = String::from_utf8_lossy(id.as_bytes());
     match protocol::id_value(&raw) {
-        IdValue::Text(text) => stmt.raw_bind_parameter(index, &*text),
-        IdValue::Integer(n) => stmt.raw_bind_parameter(index, n),
-        IdValue::Real(x) => stmt.raw_bind_parameter(index, x),
-        IdValue::Bool(b) => stmt.raw_bind_parameter(index, i64::from(b)),
-        IdValue::Null => stmt.raw_bind_parameter(index, Null),
+        IdValue::Text(text) => json_string(out, &text),
+        IdValue::Integer(n) => out.extend_from_slice(digits.format(n).as_bytes()),
+        // serde_json writes the shortest text that reads back as `x`
+        // (`null` for a value JSON has no text for).
+        IdValue::Real(x) => {
+            let _ = serde_json::to_writer(&mut *out, &x);
+        }
+        IdValue::Bool(b) => out.push(if b { b'1' } else { b'0' }),
+        IdValue::Null => out.extend_from_slice(b"null"),
     }
+}
+
+/// Appends `text` to `out` as a JSON string.
+fn json_string(out: &mut Vec<u8>, text: &str) {
+    // Writing a string into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, text);
 }
 
 /// The integer of an id of at most 18 decimal digits after an optional
@@ -1041,33 +1099,64 @@ pub(super) fn small_integer(raw: &[u8]) -> Option<i64> {
     Some(if negative { -n } else { n })
 }
 
-/// Binds `row` to the parameters `offset + 1 ..= offset + REQUEST_COLUMNS`
-/// of `stmt`, in the column order of [`INSERT_REQUEST`]: numbers for the
-/// client (IPv4), op and outcome ([`MIGRATE_FROM_4`]). SQLite copies the
-/// text it is given, so `client_buf` can be reused for the next row.
-pub(super) fn bind_request(
-    stmt: &mut Statement<'_>,
-    offset: usize,
-    row: &RequestRow,
-    client_buf: &mut [u8; 64],
-) -> rusqlite::Result<()> {
-    stmt.raw_bind_parameter(offset + 1, row.ts_unix_us)?;
-    match client_integer(row.client) {
-        Some(n) => stmt.raw_bind_parameter(offset + 2, n)?,
-        None => {
-            stmt.raw_bind_parameter(offset + 2, format_client(row.client, client_buf).as_ref())?
+/// Appends `rows` to `out` as the JSON of one `request_batches` row
+/// ([`MIGRATE_FROM_5`]): an array with, per request, `[ts, client, id,
+/// op, worker_pid, outcome, latency_us, hlc]`, where `ts` counts
+/// microseconds from the batch's `ts_us` (its first request's) and `hlc`
+/// from the batch's `hlc` (its first stamp; left out when the request has
+/// none), `client` is a number for IPv4 ([`client_integer`]) and text
+/// otherwise, and `op` and `outcome` are numbers. The offsets keep a
+/// request's JSON near 40 bytes instead of 60: the writer's CPU goes
+/// mostly to writing pages, twice (the WAL, then its checkpoint).
+/// Returns the batch's `ts_us`, `max_ts_us` and `hlc`.
+pub(super) fn encode_batch(rows: &[RequestRow], out: &mut Vec<u8>) -> (i64, i64, Option<i64>) {
+    let mut digits = itoa::Buffer::new();
+    let mut client_buf = [0u8; 64];
+    let base = rows.first().map_or(0, |r| r.ts_unix_us);
+    let base_hlc = rows.iter().find_map(|r| hlc_value(r.hlc));
+    let mut max_ts = base;
+    out.push(b'[');
+    for (i, row) in rows.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
         }
+        max_ts = max_ts.max(row.ts_unix_us);
+        out.push(b'[');
+        out.extend_from_slice(
+            digits
+                .format(row.ts_unix_us.saturating_sub(base))
+                .as_bytes(),
+        );
+        out.push(b',');
+        match client_integer(row.client) {
+            Some(n) => out.extend_from_slice(digits.format(n).as_bytes()),
+            None => json_string(out, &format_client(row.client, &mut client_buf)),
+        }
+        out.push(b',');
+        encode_request_id(out, row.request_id.as_ref());
+        out.push(b',');
+        out.extend_from_slice(digits.format(row.op as u8).as_bytes());
+        out.push(b',');
+        match row.worker_pid {
+            Some(pid) => out.extend_from_slice(digits.format(pid).as_bytes()),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.push(b',');
+        out.extend_from_slice(digits.format(row.outcome.to_u8()).as_bytes());
+        out.push(b',');
+        let latency = i64::try_from(row.latency_us).unwrap_or(i64::MAX);
+        out.extend_from_slice(digits.format(latency).as_bytes());
+        if let (Some(hlc), Some(base_hlc)) = (hlc_value(row.hlc), base_hlc) {
+            out.push(b',');
+            // Stamps within a batch are milliseconds apart. Only a batch
+            // that straddles the instant stamps turn negative (2038,
+            // hlc_value) reads back wrong: SQLite's sum overflows to REAL.
+            out.extend_from_slice(digits.format(hlc.wrapping_sub(base_hlc)).as_bytes());
+        }
+        out.push(b']');
     }
-    bind_request_id(stmt, offset + 3, row.request_id.as_ref())?;
-    stmt.raw_bind_parameter(offset + 4, row.op as u8)?;
-    stmt.raw_bind_parameter(offset + 5, row.worker_pid)?;
-    stmt.raw_bind_parameter(offset + 6, row.outcome.to_u8())?;
-    stmt.raw_bind_parameter(
-        offset + 7,
-        i64::try_from(row.latency_us).unwrap_or(i64::MAX),
-    )?;
-    stmt.raw_bind_parameter(offset + 8, hlc_value(row.hlc))?;
-    Ok(())
+    out.push(b']');
+    (base, max_ts, base_hlc)
 }
 
 /// `ip:port` text for `addr`, written into `buf` (no allocation unless an

@@ -731,13 +731,10 @@ fn read_rows(
     }
     let stamp = if snapshot.version >= 3 { "hlc" } else { "NULL" };
     let since = since_us.unwrap_or(i64::MIN);
-    let floor = match since_us {
-        Some(s) => since_floor_sql(&snapshot.conn, snapshot.version, s)?,
-        None => String::new(),
-    };
+    let scan = requests_scan_sql(&snapshot.conn, snapshot.version, Some(since))?;
     let sql = format!(
         "SELECT {key} AS k, {stamp}, id, ts_us, client, request_id, op, worker_pid, outcome, \
-         latency_us FROM requests WHERE ts_us >= ?1{floor} \
+         latency_us FROM {scan} \
          ORDER BY k < 0 DESC, k DESC, id DESC LIMIT ?2",
         key = hlc_key_sql(snapshot.version)
     );
