@@ -48,14 +48,12 @@ mod tests;
 mod writer;
 
 pub use cluster::{ClusterEvent, ClusterEventKind, ClusterJournal, MAX_QUEUED_CLUSTER_EVENTS};
-pub(crate) use writer::requests_source_sql;
-#[cfg(test)]
-pub(crate) use writer::BATCH_ROWS;
 /// Schema version 2, to make old journals in tests.
 #[cfg(test)]
 pub(crate) use writer::SCHEMA_V2;
 pub use writer::SINCE_FLOOR;
 use writer::*;
+pub(crate) use writer::{requests_source_sql, BatchedRequest, BATCH_ROWS};
 
 /// The schema version this code writes and reads, kept in `PRAGMA user_version`.
 pub const SCHEMA_VERSION: i32 = 6;

@@ -21,7 +21,9 @@ use hdrhistogram::Histogram;
 use rusqlite::{Connection, OpenFlags};
 use serde_json::{json, Value};
 
-use crate::journal::{now_unix_us, requests_source_sql, SCHEMA_VERSION, SINCE_FLOOR};
+use crate::journal::{
+    now_unix_us, requests_source_sql, BatchedRequest, BATCH_ROWS, SCHEMA_VERSION, SINCE_FLOOR,
+};
 
 /// `master report --journal PATH [--journal PATH ...] [--since DURATION]
 /// [--rows N] [--timeline N] [--json]`.
@@ -83,44 +85,43 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
     }
 }
 
-/// The condition, ` AND id > N`, that starts a scan of `requests` for the
-/// rows at or after `since_us` at the first id that can be one, from the
-/// journal's `request_marks` ([`SINCE_FLOOR`], schema version 4 on);
-/// empty for older journals, whose index on `ts_us` serves `ts_us >= ?`.
-pub(crate) fn since_floor_sql(
-    conn: &Connection,
-    version: i32,
-    since_us: i64,
-) -> rusqlite::Result<String> {
-    if version < 4 {
-        return Ok(String::new());
-    }
-    let floor: i64 = conn.query_row(SINCE_FLOOR, [since_us], |r| r.get(0))?;
-    Ok(format!(" AND id > {floor}"))
-}
-
 /// What a scan of `requests` reads, to follow `FROM`: all of the view, or
 /// with `since_us` the rows received at or after `?1`, starting at the
-/// first id that can be one ([`since_floor_sql`]). Schema version 6 on,
+/// first id that can be one, from the journal's `request_marks`
+/// ([`SINCE_FLOOR`], schema version 4 on; older journals' index on
+/// `ts_us` serves `ts_us >= ?` without one). Schema version 6 on,
 /// a view cannot start there (a batched request's id is computed), so
-/// the same rows come from [`requests_source_sql`] with the floor.
+/// the same rows come from [`requests_source_sql`] with the floor; and
+/// without `batches`, only those of `request_rows`. Also returns the
+/// floor (0: none).
 pub(crate) fn requests_scan_sql(
     conn: &Connection,
     version: i32,
     since_us: Option<i64>,
-) -> rusqlite::Result<String> {
-    let Some(since_us) = since_us else {
-        return Ok("requests".to_owned());
+    batches: bool,
+) -> rusqlite::Result<(String, i64)> {
+    let floor = match since_us {
+        Some(s) if version >= 4 => conn.query_row(SINCE_FLOOR, [s], |r| r.get(0))?,
+        _ => 0,
+    };
+    let filter = if since_us.is_some() {
+        " WHERE ts_us >= ?1"
+    } else {
+        ""
     };
     if version < 6 {
-        let floor = since_floor_sql(conn, version, since_us)?;
-        return Ok(format!("requests WHERE ts_us >= ?1{floor}"));
+        let floor_sql = if version >= 4 && since_us.is_some() {
+            format!(" AND id > {floor}")
+        } else {
+            String::new()
+        };
+        return Ok((format!("requests{filter}{floor_sql}"), floor));
     }
-    let floor: i64 = conn.query_row(SINCE_FLOOR, [since_us], |r| r.get(0))?;
-    Ok(format!(
-        "({}) WHERE ts_us >= ?1",
-        requests_source_sql(Some(floor))
-    ))
+    if since_us.is_none() && batches {
+        return Ok(("requests".to_owned(), 0));
+    }
+    let source = requests_source_sql(since_us.map(|_| floor), batches);
+    Ok((format!("({source}){filter}"), floor))
 }
 
 /// The first instant (unix µs) of the window of length `since` that ends
@@ -366,21 +367,11 @@ impl Report {
         } else {
             merge::hlc_key_sql(version)
         };
+        // Schema 6 on, the batches are read apart, their JSON decoded here.
+        let batched = version >= 6;
         // No WHERE without --since: a plain table scan beats walking an index.
-        let scan = requests_scan_sql(conn, version, self.since_us)?;
-        let sql = format!("SELECT ts_us, worker_pid, outcome, latency_us, {key} FROM {scan}");
-        let mut stmt = conn.prepare(&sql)?;
-        let mut rows = if self.since_us.is_some() {
-            stmt.query([since])?
-        } else {
-            stmt.query([])?
-        };
-        while let Some(r) = rows.next()? {
-            let ts: i64 = r.get(0)?;
-            let pid: Option<u32> = r.get(1)?;
-            let outcome = r.get_ref(2)?.as_str()?;
-            let lat = u64::try_from(r.get::<_, i64>(3)?).unwrap_or(0);
-
+        let (scan, floor) = requests_scan_sql(conn, version, self.since_us, !batched)?;
+        let mut visit = |ts: i64, pid: Option<u32>, outcome: &str, lat: u64, key: u64| {
             self.requests += 1;
             self.first_us = Some(self.first_us.map_or(ts, |f| f.min(ts)));
             self.last_us = Some(self.last_us.map_or(ts, |l| l.max(ts)));
@@ -392,13 +383,10 @@ impl Report {
             }
             record(&mut latency, lat);
             max_latency = max_latency.max(lat);
-            if !views.is_empty() {
-                let key = r.get::<_, i64>(4)? as u64;
-                if let Some(view) = merge::view_at(views, key) {
-                    let count = self.views.entry(view).or_default();
-                    count.requests += 1;
-                    count.ok += u64::from(outcome == "ok");
-                }
+            if let Some(view) = merge::view_at(views, key) {
+                let count = self.views.entry(view).or_default();
+                count.requests += 1;
+                count.ok += u64::from(outcome == "ok");
             }
 
             let line = match pid {
@@ -419,6 +407,53 @@ impl Report {
             line.requests += 1;
             record(&mut line.latency, lat);
             line.max_latency_us = line.max_latency_us.max(lat);
+        };
+        let sql = format!("SELECT ts_us, worker_pid, outcome, latency_us, {key} FROM {scan}");
+        let mut stmt = conn.prepare(&sql)?;
+        let mut rows = if self.since_us.is_some() {
+            stmt.query([since])?
+        } else {
+            stmt.query([])?
+        };
+        while let Some(r) = rows.next()? {
+            let lat = u64::try_from(r.get::<_, i64>(3)?).unwrap_or(0);
+            // No views: no key (NULL).
+            let key = r.get::<_, Option<i64>>(4)?.unwrap_or(0) as u64;
+            visit(r.get(0)?, r.get(1)?, r.get_ref(2)?.as_str()?, lat, key);
+        }
+        drop(rows);
+        drop(stmt);
+        if batched {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT first_id, ts_us, hlc, rows FROM request_batches WHERE first_id > {}",
+                floor.saturating_sub(BATCH_ROWS as i64)
+            ))?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                let first_id: i64 = r.get(0)?;
+                let base_ts: i64 = r.get(1)?;
+                let base_hlc: Option<i64> = r.get(2)?;
+                let requests: Vec<BatchedRequest> = serde_json::from_str(r.get_ref(3)?.as_str()?)
+                    .with_context(|| {
+                    format!("request batch {first_id}: not a batch of requests")
+                })?;
+                for (i, q) in (0i64..).zip(&requests) {
+                    let ts = base_ts.saturating_add(q.ts_offset_us);
+                    if first_id + i <= floor || self.since_us.is_some_and(|s| ts < s) {
+                        continue;
+                    }
+                    let key = if views.is_empty() {
+                        0
+                    } else {
+                        match (base_hlc, q.hlc_offset) {
+                            (Some(b), Some(o)) => b.wrapping_add(o) as u64,
+                            _ => crate::clock::ntp64_from_unix_us(ts).0,
+                        }
+                    };
+                    let lat = u64::try_from(q.latency_us).unwrap_or(0);
+                    visit(ts, q.worker_pid, &q.outcome_text(), lat, key);
+                }
+            }
         }
 
         if self.since_us.is_some() {

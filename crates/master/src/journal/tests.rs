@@ -1035,7 +1035,7 @@ fn window_counts(conn: &Connection, since: i64) -> (i64, i64) {
         .query_row(
             &format!(
                 "SELECT count(*) FROM ({}) WHERE ts_us >= ?1",
-                requests_source_sql(Some(floor))
+                requests_source_sql(Some(floor), true)
             ),
             [since],
             |r| r.get(0),
@@ -1164,7 +1164,7 @@ fn time_windows_through_the_marks_find_every_row() {
         let plan: Vec<String> = conn
             .prepare(&format!(
                 "EXPLAIN QUERY PLAN SELECT count(*) FROM ({}) WHERE ts_us >= 5",
-                requests_source_sql(Some(7))
+                requests_source_sql(Some(7), true)
             ))
             .unwrap()
             .query_map([], |r| r.get(3))
@@ -1260,4 +1260,92 @@ fn marks_hold_while_two_masters_write_one_journal() {
         let (marked, scanned) = window_counts(&conn, since);
         assert_eq!(marked, scanned, "since {since}");
     }
+}
+
+#[test]
+fn a_batch_decodes_to_what_the_view_reads() {
+    // Every outcome, IPv6 clients, rows with and without a stamp, and the
+    // first row without one (the batch's hlc is its first stamp).
+    let mut rows = varied_rows();
+    rows[0].hlc = 0;
+    let mut text = Vec::new();
+    let (ts_us, max_ts_us, hlc) = encode_batch(&rows, &mut text);
+    assert_eq!(ts_us, rows[0].ts_unix_us);
+    assert_eq!(max_ts_us, rows.iter().map(|r| r.ts_unix_us).max().unwrap());
+    assert_eq!(hlc, rows.iter().find_map(|r| hlc_value(r.hlc)));
+    let decoded: Vec<BatchedRequest> = serde_json::from_slice(&text).unwrap();
+    assert_eq!(decoded.len(), rows.len());
+    for (r, d) in rows.iter().zip(&decoded) {
+        assert_eq!(ts_us + d.ts_offset_us, r.ts_unix_us);
+        assert_eq!(d.worker_pid, r.worker_pid);
+        assert_eq!(d.outcome_text(), r.outcome.as_str());
+        assert_eq!(d.latency_us, r.latency_us as i64);
+        let stamp = d.hlc_offset.map(|o| hlc.unwrap().wrapping_add(o));
+        assert_eq!(stamp, hlc_value(r.hlc));
+    }
+    // A number no outcome has, and text, read as they are stored.
+    let odd: Vec<BatchedRequest> =
+        serde_json::from_str(r#"[[0,1,null,1,null,250,5],[0,1,null,1,null,"later",5,7,"x"]]"#)
+            .unwrap();
+    assert_eq!(odd[0].outcome_text(), "250");
+    assert_eq!(
+        (odd[1].outcome_text(), odd[1].hlc_offset),
+        ("later".into(), Some(7))
+    );
+    assert!(serde_json::from_str::<Vec<BatchedRequest>>("[[0,1,null,1]]").is_err());
+}
+
+#[test]
+fn the_report_reads_batches_and_older_rows_as_the_view_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.db");
+    let journal = Journal::open(&path, 0).unwrap();
+    let mut rows: Vec<RequestRow> = (0..1000).map(row).collect();
+    journal.submit(&mut rows);
+    journal.close();
+    // Rows as a schema-5 master writes them (a USR2 hand-over from one).
+    let conn = Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "INSERT INTO request_rows (ts_us, client, request_id, op, worker_pid, outcome, latency_us) \
+         VALUES (1714557600000500, 2130706433, 5, 1, 101, 0, 70000), \
+                (1714557600000600, '[::1]:5', 'x', 1, NULL, 3, 80000)",
+    )
+    .unwrap();
+    let conn = read_conn(&path);
+    let view: Vec<(String, i64)> = conn
+        .prepare("SELECT outcome, count(*) FROM requests GROUP BY outcome ORDER BY outcome")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    for since in [None, Some(1_714_557_600_000_400)] {
+        let report = crate::report::Report::collect(&path, since).unwrap();
+        let since = since.unwrap_or(0);
+        let want = count(
+            &conn,
+            &format!("SELECT count(*) FROM requests WHERE ts_us >= {since}"),
+        );
+        assert_eq!(report.requests as i64, want, "since {since}");
+        if since == 0 {
+            let mut got: Vec<(String, i64)> = report
+                .outcomes
+                .iter()
+                .map(|(o, n)| (o.clone(), *n as i64))
+                .collect();
+            got.sort();
+            assert_eq!(got, view);
+            assert_eq!(report.latency.unwrap().max, 80000);
+        }
+    }
+    // A batch that is not one: the report names it.
+    Connection::open(&path)
+        .unwrap()
+        .execute(
+            "UPDATE request_batches SET rows = '[[1]]' WHERE first_id = 1",
+            [],
+        )
+        .unwrap();
+    let err = crate::report::Report::collect(&path, None).unwrap_err();
+    assert!(format!("{err:#}").contains("request batch 1"), "{err:#}");
 }

@@ -731,7 +731,7 @@ fn read_rows(
     }
     let stamp = if snapshot.version >= 3 { "hlc" } else { "NULL" };
     let since = since_us.unwrap_or(i64::MIN);
-    let scan = requests_scan_sql(&snapshot.conn, snapshot.version, Some(since))?;
+    let (scan, _) = requests_scan_sql(&snapshot.conn, snapshot.version, Some(since), true)?;
     let sql = format!(
         "SELECT {key} AS k, {stamp}, id, ts_us, client, request_id, op, worker_pid, outcome, \
          latency_us FROM {scan} \
