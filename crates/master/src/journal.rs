@@ -53,7 +53,7 @@ pub use cluster::{ClusterEvent, ClusterEventKind, ClusterJournal, MAX_QUEUED_CLU
 pub(crate) use writer::SCHEMA_V2;
 pub use writer::SINCE_FLOOR;
 use writer::*;
-pub(crate) use writer::{requests_source_sql, BatchedRequest, BATCH_ROWS};
+pub(crate) use writer::{requests_source_sql, BatchedRequest, Tables, BATCH_ROWS};
 
 /// The schema version this code writes and reads, kept in `PRAGMA user_version`.
 pub const SCHEMA_VERSION: i32 = 6;

@@ -22,7 +22,8 @@ use rusqlite::{Connection, OpenFlags};
 use serde_json::{json, Value};
 
 use crate::journal::{
-    now_unix_us, requests_source_sql, BatchedRequest, BATCH_ROWS, SCHEMA_VERSION, SINCE_FLOOR,
+    now_unix_us, requests_source_sql, BatchedRequest, Tables, BATCH_ROWS, SCHEMA_VERSION,
+    SINCE_FLOOR,
 };
 
 /// `master report --journal PATH [--journal PATH ...] [--since DURATION]
@@ -91,14 +92,13 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
 /// ([`SINCE_FLOOR`], schema version 4 on; older journals' index on
 /// `ts_us` serves `ts_us >= ?` without one). Schema version 6 on,
 /// a view cannot start there (a batched request's id is computed), so
-/// the same rows come from [`requests_source_sql`] with the floor; and
-/// without `batches`, only those of `request_rows`. Also returns the
-/// floor (0: none).
+/// the same rows come from [`requests_source_sql`] with the floor, from
+/// `tables`. Also returns the floor (0: none).
 pub(crate) fn requests_scan_sql(
     conn: &Connection,
     version: i32,
     since_us: Option<i64>,
-    batches: bool,
+    tables: Tables,
 ) -> rusqlite::Result<(String, i64)> {
     let floor = match since_us {
         Some(s) if version >= 4 => conn.query_row(SINCE_FLOOR, [s], |r| r.get(0))?,
@@ -117,11 +117,48 @@ pub(crate) fn requests_scan_sql(
         };
         return Ok((format!("requests{filter}{floor_sql}"), floor));
     }
-    if since_us.is_none() && batches {
+    if since_us.is_none() && tables == Tables::Both {
         return Ok(("requests".to_owned(), 0));
     }
-    let source = requests_source_sql(since_us.map(|_| floor), batches);
+    let source = requests_source_sql(since_us.map(|_| floor), tables);
     Ok((format!("({source}){filter}"), floor))
+}
+
+/// Calls `f` with the id, receipt time, HLC stamp and the rest of every
+/// request of `request_batches` (schema version 6 on) with an id above
+/// `floor` and, with `since_us`, received at or after it: the rows the
+/// view would give, decoded here ([`BatchedRequest`]).
+///
+/// # Errors
+/// SQLite's, or a batch that is not one, named by its `first_id`.
+pub(crate) fn scan_batches(
+    conn: &Connection,
+    floor: i64,
+    since_us: Option<i64>,
+    mut f: impl FnMut(i64, i64, Option<i64>, &BatchedRequest),
+) -> anyhow::Result<()> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT first_id, ts_us, hlc, rows FROM request_batches WHERE first_id > {}",
+        floor.saturating_sub(BATCH_ROWS as i64)
+    ))?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let first_id: i64 = r.get(0)?;
+        let base_ts: i64 = r.get(1)?;
+        let base_hlc: Option<i64> = r.get(2)?;
+        let requests: Vec<BatchedRequest> = serde_json::from_str(r.get_ref(3)?.as_str()?)
+            .with_context(|| format!("request batch {first_id}: not a batch of requests"))?;
+        for (id, q) in (first_id..).zip(&requests) {
+            let ts = base_ts.saturating_add(q.ts_offset_us);
+            if id <= floor || since_us.is_some_and(|s| ts < s) {
+                continue;
+            }
+            // As the view: b.hlc + offset, null if either is.
+            let stamp = base_hlc.zip(q.hlc_offset).map(|(b, o)| b.wrapping_add(o));
+            f(id, ts, stamp, q);
+        }
+    }
+    Ok(())
 }
 
 /// The first instant (unix µs) of the window of length `since` that ends
@@ -370,7 +407,8 @@ impl Report {
         // Schema 6 on, the batches are read apart, their JSON decoded here.
         let batched = version >= 6;
         // No WHERE without --since: a plain table scan beats walking an index.
-        let (scan, floor) = requests_scan_sql(conn, version, self.since_us, !batched)?;
+        let tables = if batched { Tables::Rows } else { Tables::Both };
+        let (scan, floor) = requests_scan_sql(conn, version, self.since_us, tables)?;
         let mut visit = |ts: i64, pid: Option<u32>, outcome: &str, lat: u64, key: u64| {
             self.requests += 1;
             self.first_us = Some(self.first_us.map_or(ts, |f| f.min(ts)));
@@ -424,36 +462,15 @@ impl Report {
         drop(rows);
         drop(stmt);
         if batched {
-            let mut stmt = conn.prepare(&format!(
-                "SELECT first_id, ts_us, hlc, rows FROM request_batches WHERE first_id > {}",
-                floor.saturating_sub(BATCH_ROWS as i64)
-            ))?;
-            let mut rows = stmt.query([])?;
-            while let Some(r) = rows.next()? {
-                let first_id: i64 = r.get(0)?;
-                let base_ts: i64 = r.get(1)?;
-                let base_hlc: Option<i64> = r.get(2)?;
-                let requests: Vec<BatchedRequest> = serde_json::from_str(r.get_ref(3)?.as_str()?)
-                    .with_context(|| {
-                    format!("request batch {first_id}: not a batch of requests")
-                })?;
-                for (i, q) in (0i64..).zip(&requests) {
-                    let ts = base_ts.saturating_add(q.ts_offset_us);
-                    if first_id + i <= floor || self.since_us.is_some_and(|s| ts < s) {
-                        continue;
-                    }
-                    let key = if views.is_empty() {
-                        0
-                    } else {
-                        match (base_hlc, q.hlc_offset) {
-                            (Some(b), Some(o)) => b.wrapping_add(o) as u64,
-                            _ => crate::clock::ntp64_from_unix_us(ts).0,
-                        }
-                    };
-                    let lat = u64::try_from(q.latency_us).unwrap_or(0);
-                    visit(ts, q.worker_pid, &q.outcome_text(), lat, key);
-                }
-            }
+            scan_batches(conn, floor, self.since_us, |_, ts, stamp, q| {
+                let key = if views.is_empty() {
+                    0
+                } else {
+                    stamp.map_or_else(|| crate::clock::ntp64_from_unix_us(ts).0, |s| s as u64)
+                };
+                let lat = u64::try_from(q.latency_us).unwrap_or(0);
+                visit(ts, q.worker_pid, &q.outcome_text(), lat, key);
+            })?;
         }
 
         if self.since_us.is_some() {

@@ -1035,7 +1035,7 @@ fn window_counts(conn: &Connection, since: i64) -> (i64, i64) {
         .query_row(
             &format!(
                 "SELECT count(*) FROM ({}) WHERE ts_us >= ?1",
-                requests_source_sql(Some(floor), true)
+                requests_source_sql(Some(floor), Tables::Both)
             ),
             [since],
             |r| r.get(0),
@@ -1164,7 +1164,7 @@ fn time_windows_through_the_marks_find_every_row() {
         let plan: Vec<String> = conn
             .prepare(&format!(
                 "EXPLAIN QUERY PLAN SELECT count(*) FROM ({}) WHERE ts_us >= 5",
-                requests_source_sql(Some(7), true)
+                requests_source_sql(Some(7), Tables::Both)
             ))
             .unwrap()
             .query_map([], |r| r.get(3))

@@ -258,9 +258,9 @@ pub(crate) const BATCH_ROWS: usize = 256;
 /// since a batched request's id is computed (`master report --since`
 /// reads through this).
 ///
-/// Without `batches`, only the rows of `request_rows` (`master report`
-/// reads the batches itself: [`BatchedRequest`]).
-pub(crate) fn requests_source_sql(after_id: Option<i64>, batches: bool) -> String {
+/// `tables` picks the tables read: `master report` reads the batches
+/// itself ([`BatchedRequest`]), and `request_rows` through SQL.
+pub(crate) fn requests_source_sql(after_id: Option<i64>, tables: Tables) -> String {
     let mut op = String::from("CASE op");
     for o in Op::ALL {
         op.push_str(&format!(" WHEN {} THEN '{}'", o as u8, o.as_str()));
@@ -286,16 +286,21 @@ pub(crate) fn requests_source_sql(after_id: Option<i64>, batches: bool) -> Strin
             ),
         ),
     };
-    let batches = if batches {
-        format!(
-            "
-        UNION ALL
-        SELECT b.first_id + r.key, b.ts_us + (r.value ->> 0), r.value ->> 1, r.value ->> 2,
-            r.value ->> 3, r.value ->> 4, r.value ->> 5, r.value ->> 6, b.hlc + (r.value ->> 7)
+    let rows = format!(
+        "SELECT id, ts_us, client, request_id, op, worker_pid, outcome, latency_us, hlc
+            FROM request_rows{rows_where}"
+    );
+    let batches = format!(
+        "SELECT b.first_id + r.key AS id, b.ts_us + (r.value ->> 0) AS ts_us,
+            r.value ->> 1 AS client, r.value ->> 2 AS request_id, r.value ->> 3 AS op,
+            r.value ->> 4 AS worker_pid, r.value ->> 5 AS outcome, r.value ->> 6 AS latency_us,
+            b.hlc + (r.value ->> 7) AS hlc
             FROM request_batches AS b, json_each(b.rows) AS r{batches_where}"
-        )
-    } else {
-        String::new()
+    );
+    let source = match tables {
+        Tables::Both => format!("{rows}\n        UNION ALL\n        {batches}"),
+        Tables::Rows => rows,
+        Tables::Batches => batches,
     };
     format!(
         "SELECT
@@ -307,11 +312,21 @@ pub(crate) fn requests_source_sql(after_id: Option<i64>, batches: bool) -> Strin
         {outcome} AS outcome,
         latency_us, hlc,
         CASE WHEN hlc IS NULL THEN NULL ELSE {hlc_at} END AS hlc_at
-        FROM (SELECT id, ts_us, client, request_id, op, worker_pid, outcome, latency_us, hlc
-            FROM request_rows{rows_where}{batches})",
+        FROM ({source})",
         ts = iso_utc!("ts_us"),
         hlc_at = hlc_at!(),
     )
+}
+
+/// The tables behind `requests` that [`requests_source_sql`] reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Tables {
+    /// Both, as the view does.
+    Both,
+    /// `request_rows` only.
+    Rows,
+    /// `request_batches` only.
+    Batches,
 }
 
 /// The view `requests` of schema version 6 ([`requests_source_sql`]).
@@ -320,7 +335,7 @@ pub(super) fn requests_view_sql() -> &'static str {
     SQL.get_or_init(|| {
         format!(
             "CREATE VIEW requests AS {}",
-            requests_source_sql(None, true)
+            requests_source_sql(None, Tables::Both)
         )
     })
 }

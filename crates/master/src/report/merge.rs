@@ -15,7 +15,8 @@
 //! Given one journal, the report is [`Report`]'s, unchanged, followed by
 //! the sections this module adds when they have anything to show.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 use rusqlite::types::Value as SqlValue;
 
@@ -719,19 +720,60 @@ fn read_cluster(snapshot: &Snapshot, source: usize) -> rusqlite::Result<Vec<Clus
 }
 
 /// The last `limit` requests of a journal by HLC key (as unsigned numbers:
-/// a stamp from 2038 on is a negative INTEGER).
+/// a stamp from 2038 on is a negative INTEGER), then id.
 fn read_rows(
     snapshot: &Snapshot,
     source: usize,
     since_us: Option<i64>,
     limit: usize,
-) -> rusqlite::Result<Vec<RequestLine>> {
+) -> anyhow::Result<Vec<RequestLine>> {
     if limit == 0 {
         return Ok(Vec::new());
     }
-    let stamp = if snapshot.version >= 3 { "hlc" } else { "NULL" };
     let since = since_us.unwrap_or(i64::MIN);
-    let (scan, _) = requests_scan_sql(&snapshot.conn, snapshot.version, Some(since), true)?;
+    let version = snapshot.version;
+    // Schema 6 on, the batches are searched apart (below): the view would
+    // unpack every column of every request to sort them.
+    let tables = if version >= 6 {
+        Tables::Rows
+    } else {
+        Tables::Both
+    };
+    let (scan, floor) = requests_scan_sql(&snapshot.conn, version, Some(since), tables)?;
+    let mut lines = request_lines(snapshot, source, &scan, since, limit)?;
+    if version >= 6 {
+        // The newest `limit` (key, id) of the batches, smallest on top.
+        let mut newest: BinaryHeap<Reverse<(u64, i64)>> = BinaryHeap::new();
+        scan_batches(&snapshot.conn, floor, Some(since), |id, ts, stamp, _| {
+            let key = stamp.map_or_else(|| crate::clock::ntp64_from_unix_us(ts).0, |s| s as u64);
+            newest.push(Reverse((key, id)));
+            if newest.len() > limit {
+                newest.pop();
+            }
+        })?;
+        for Reverse((_, id)) in newest {
+            let one = format!(
+                "({}) WHERE id = {id} AND ts_us >= ?1",
+                requests_source_sql(Some(id - 1), Tables::Batches)
+            );
+            lines.extend(request_lines(snapshot, source, &one, since, 1)?);
+        }
+        lines.sort_by_key(|l| Reverse((l.hlc, l.id)));
+        lines.truncate(limit);
+    }
+    Ok(lines)
+}
+
+/// The rows of `scan` (what follows `FROM`, with `?1` the earliest time)
+/// as request lines, the last `limit` by HLC key, then id.
+fn request_lines(
+    snapshot: &Snapshot,
+    source: usize,
+    scan: &str,
+    since: i64,
+    limit: usize,
+) -> rusqlite::Result<Vec<RequestLine>> {
+    let stamp = if snapshot.version >= 3 { "hlc" } else { "NULL" };
     let sql = format!(
         "SELECT {key} AS k, {stamp}, id, ts_us, client, request_id, op, worker_pid, outcome, \
          latency_us FROM {scan} \

@@ -606,3 +606,72 @@ fn views_timeline_and_the_one_coordinator_check() {
         assert!(text.contains(needle), "{needle:?} missing in\n{text}");
     }
 }
+
+#[test]
+fn the_last_rows_of_batches_and_older_rows_are_those_the_view_sorts_last() {
+    // Schema 6 searches request_batches itself and request_rows in SQL:
+    // together they must list what the view, sorted, does.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.db");
+    let journal = Journal::open(&path, 0).unwrap();
+    let mut rows: Vec<RequestRow> = (0..600u64)
+        .map(|i| RequestRow {
+            ts_unix_us: 1_714_557_600_000_000 + (i * 7919 % 600) as i64,
+            client: "127.0.0.1:9".parse().unwrap(),
+            request_id: Some(RequestId::new(i.to_string().as_bytes())),
+            op: Op::Square,
+            worker_pid: Some(7),
+            outcome: Outcome::Ok,
+            latency_us: i,
+            // Some unstamped: they sort by their wall time.
+            hlc: if i % 3 == 0 {
+                0
+            } else {
+                clock::ntp64_from_unix_us(1_714_557_600_000_000 + (i * 7919 % 600) as i64).0
+            },
+        })
+        .collect();
+    journal.submit(&mut rows);
+    journal.close();
+    // Rows as a schema-5 master writes them, stamped and not.
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch(&format!(
+            "INSERT INTO request_rows (ts_us, client, request_id, op, worker_pid, outcome, latency_us, hlc) \
+             VALUES (1714557600000590, 2130706433, 'old-a', 1, 7, 0, 1, {}), \
+                    (1714557600000595, 2130706433, 'old-b', 1, 7, 0, 1, NULL)",
+            clock::ntp64_from_unix_us(1_714_557_600_000_599).0 as i64
+        ))
+        .unwrap();
+    let conn = Connection::open(&path).unwrap();
+    for limit in [1, 5, 40] {
+        let merged = Merged::collect(
+            std::slice::from_ref(&path),
+            None,
+            Limits {
+                rows: limit,
+                timeline: 0,
+            },
+        )
+        .unwrap();
+        let got: Vec<String> = listed(&merged).into_iter().map(|r| r.1).collect();
+        let want: Vec<String> = conn
+            .prepare(&format!(
+                "SELECT request_id FROM (SELECT request_id, {} AS k, id FROM requests \
+                 ORDER BY k < 0 DESC, k DESC, id DESC LIMIT {limit}) ORDER BY k, id",
+                merge::hlc_key_sql(6)
+            ))
+            .unwrap()
+            .query_map([], |r| {
+                Ok(match r.get::<_, rusqlite::types::Value>(0)? {
+                    rusqlite::types::Value::Integer(n) => n.to_string(),
+                    rusqlite::types::Value::Text(t) => format!("{t:?}"),
+                    other => panic!("{other:?}"),
+                })
+            })
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(got, want, "--rows {limit}");
+    }
+}
