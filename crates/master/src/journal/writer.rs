@@ -758,14 +758,7 @@ impl WriterDb {
     }
 
     pub(super) fn count_requests(&self) -> rusqlite::Result<u64> {
-        self.conn
-            .query_row(
-                "SELECT (SELECT count(*) FROM request_rows) \
-                 + (SELECT coalesce(sum(n), 0) FROM request_batches)",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-            .map(|n| n.max(0) as u64)
+        count_requests(&self.conn)
     }
 
     /// The writer thread: take what is queued, write it, repeat; on close,
@@ -992,6 +985,18 @@ impl WriterDb {
     }
 }
 
+/// The requests in both tables: a full count, for startup and after
+/// deletions by hand.
+fn count_requests(conn: &Connection) -> rusqlite::Result<u64> {
+    conn.query_row(
+        "SELECT (SELECT count(*) FROM request_rows) \
+         + (SELECT coalesce(sum(n), 0) FROM request_batches)",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n.max(0) as u64)
+}
+
 /// Deletes the oldest requests once the table is more than a tenth (at
 /// least [`BATCH_ROWS`] rows) over `max_rows`, back down to `max_rows`,
 /// or up to `BATCH_ROWS - 1` more (a batch goes whole): old rows go in
@@ -1037,13 +1042,7 @@ pub(super) fn apply_retention(
     let left = request_rows.saturating_sub(deleted);
     if left > max_rows + slack {
         // Ids with gaps (rows deleted by hand): count for real.
-        let n: i64 = tx.query_row(
-            "SELECT (SELECT count(*) FROM request_rows) \
-             + (SELECT coalesce(sum(n), 0) FROM request_batches)",
-            [],
-            |r| r.get(0),
-        )?;
-        return Ok(n.max(0) as u64);
+        return count_requests(tx);
     }
     Ok(left)
 }
