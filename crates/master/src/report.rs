@@ -124,10 +124,11 @@ pub(crate) fn requests_scan_sql(
     Ok((format!("({source}){filter}"), floor))
 }
 
-/// Calls `f` with the id, receipt time, HLC stamp and the rest of every
-/// request of `request_batches` (schema version 6 on) with an id above
-/// `floor` and, with `since_us`, received at or after it: the rows the
-/// view would give, decoded here ([`BatchedRequest`]).
+/// Calls `f` with the id, receipt time, HLC key (its stamp, or its wall
+/// time as one: `merge::hlc_key_sql`) and the rest of every request of
+/// `request_batches` (schema version 6 on) with an id above `floor` and,
+/// with `since_us`, received at or after it: the rows the view would
+/// give, decoded here ([`BatchedRequest`]).
 ///
 /// # Errors
 /// SQLite's, or a batch that is not one, named by its `first_id`.
@@ -135,7 +136,7 @@ pub(crate) fn scan_batches(
     conn: &Connection,
     floor: i64,
     since_us: Option<i64>,
-    mut f: impl FnMut(i64, i64, Option<i64>, &BatchedRequest),
+    mut f: impl FnMut(i64, i64, u64, &BatchedRequest),
 ) -> anyhow::Result<()> {
     let mut stmt = conn.prepare(&format!(
         "SELECT first_id, ts_us, hlc, rows FROM request_batches WHERE first_id > {}",
@@ -154,8 +155,11 @@ pub(crate) fn scan_batches(
                 continue;
             }
             // As the view: b.hlc + offset, null if either is.
-            let stamp = base_hlc.zip(q.hlc_offset).map(|(b, o)| b.wrapping_add(o));
-            f(id, ts, stamp, q);
+            let key = match base_hlc.zip(q.hlc_offset) {
+                Some((b, o)) => b.wrapping_add(o) as u64,
+                None => crate::clock::ntp64_from_unix_us(ts).0,
+            };
+            f(id, ts, key, q);
         }
     }
     Ok(())
@@ -462,12 +466,7 @@ impl Report {
         drop(rows);
         drop(stmt);
         if batched {
-            scan_batches(conn, floor, self.since_us, |_, ts, stamp, q| {
-                let key = if views.is_empty() {
-                    0
-                } else {
-                    stamp.map_or_else(|| crate::clock::ntp64_from_unix_us(ts).0, |s| s as u64)
-                };
+            scan_batches(conn, floor, self.since_us, |_, ts, key, q| {
                 let lat = u64::try_from(q.latency_us).unwrap_or(0);
                 visit(ts, q.worker_pid, &q.outcome_text(), lat, key);
             })?;

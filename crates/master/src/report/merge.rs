@@ -744,8 +744,7 @@ fn read_rows(
     if version >= 6 {
         // The newest `limit` (key, id) of the batches, smallest on top.
         let mut newest: BinaryHeap<Reverse<(u64, i64)>> = BinaryHeap::new();
-        scan_batches(&snapshot.conn, floor, Some(since), |id, ts, stamp, _| {
-            let key = stamp.map_or_else(|| crate::clock::ntp64_from_unix_us(ts).0, |s| s as u64);
+        scan_batches(&snapshot.conn, floor, Some(since), |id, _, key, _| {
             newest.push(Reverse((key, id)));
             if newest.len() > limit {
                 newest.pop();
