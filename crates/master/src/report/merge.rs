@@ -742,7 +742,8 @@ fn read_rows(
     let (scan, floor) = requests_scan_sql(&snapshot.conn, version, Some(since), tables)?;
     let mut lines = request_lines(snapshot, source, &scan, since, limit)?;
     if version >= 6 {
-        // The newest `limit` (key, id) of the batches, smallest on top.
+        // The newest `limit` (key, id) of the batches, smallest on top:
+        // keys from the JSON decoded here, not every column through SQL.
         let mut newest: BinaryHeap<Reverse<(u64, i64)>> = BinaryHeap::new();
         scan_batches(&snapshot.conn, floor, Some(since), |id, _, key, _| {
             newest.push(Reverse((key, id)));
@@ -750,12 +751,15 @@ fn read_rows(
                 newest.pop();
             }
         })?;
-        for Reverse((_, id)) in newest {
-            let one = format!(
-                "({}) WHERE id = {id} AND ts_us >= ?1",
-                requests_source_sql(Some(id - 1), Tables::Batches)
+        // Then their columns, in one query from the oldest of them on:
+        // usually a few batches at the end, at worst (keys far out of id
+        // order) what the view would have read.
+        if let Some(oldest) = newest.iter().map(|Reverse((_, id))| *id).min() {
+            let from = format!(
+                "({}) WHERE ts_us >= ?1",
+                requests_source_sql(Some(oldest - 1), Tables::Batches)
             );
-            lines.extend(request_lines(snapshot, source, &one, since, 1)?);
+            lines.extend(request_lines(snapshot, source, &from, since, limit)?);
         }
         lines.sort_by_key(|l| Reverse((l.hlc, l.id)));
         lines.truncate(limit);
