@@ -449,12 +449,7 @@ fn a_version_1_journal_is_migrated_with_its_ids_as_values() {
 /// The `CREATE` statements of a journal, by name: what makes two schemas
 /// the same.
 fn schema_sql(conn: &Connection) -> Vec<(String, Option<String>)> {
-    conn.prepare("SELECT name, sql FROM sqlite_schema ORDER BY name")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect()
+    pairs(conn, "SELECT name, sql FROM sqlite_schema ORDER BY name")
 }
 
 /// A migrated journal has the schema of a new one (made in `dir`) and is
@@ -524,13 +519,7 @@ fn a_version_2_journal_is_migrated_to_the_schema_of_a_new_one() {
         ),
         1
     );
-    let meta: Vec<(String, String)> = conn
-        .prepare("SELECT key, value FROM meta ORDER BY key")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let meta: Vec<(String, String)> = pairs(&conn, "SELECT key, value FROM meta ORDER BY key");
     assert_eq!(
         meta,
         [
@@ -671,6 +660,19 @@ fn varied_rows() -> Vec<RequestRow> {
         }
     }
     rows
+}
+
+/// The rows of `sql`, two columns each.
+fn pairs<A: rusqlite::types::FromSql, B: rusqlite::types::FromSql>(
+    conn: &Connection,
+    sql: &str,
+) -> Vec<(A, B)> {
+    conn.prepare(sql)
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
 }
 
 /// The rows of `sql`, three text columns each.
@@ -1077,13 +1079,7 @@ fn a_version_3_journal_is_migrated_to_time_marks() {
     );
     // One mark for the rows there were: the highest id, the latest time.
     let max_ts = old.iter().map(|r| r.1).max().unwrap();
-    let marks: Vec<(i64, i64)> = conn
-        .prepare("SELECT last_id, max_ts_us FROM request_marks")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let marks: Vec<(i64, i64)> = pairs(&conn, "SELECT last_id, max_ts_us FROM request_marks");
     assert_eq!(marks, [(500, max_ts)]);
     for since in [
         0,
@@ -1312,13 +1308,10 @@ fn the_report_reads_batches_and_older_rows_as_the_view_does() {
     )
     .unwrap();
     let conn = read_conn(&path);
-    let view: Vec<(String, i64)> = conn
-        .prepare("SELECT outcome, count(*) FROM requests GROUP BY outcome ORDER BY outcome")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let view: Vec<(String, i64)> = pairs(
+        &conn,
+        "SELECT outcome, count(*) FROM requests GROUP BY outcome ORDER BY outcome",
+    );
     for since in [None, Some(1_714_557_600_000_400)] {
         let report = crate::report::Report::collect(&path, since).unwrap();
         let since = since.unwrap_or(0);
