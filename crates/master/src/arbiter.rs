@@ -170,7 +170,8 @@ pub struct Arbiter {
     events: Vec<EpollEvent>,
     ready: Ready,
     signals: Signals,
-    recv: RecvBatch,
+    /// Datagrams of the current `recvmmsg` (out while they are handled).
+    recv: Option<RecvBatch>,
     responder: Responder,
     ledger: Ledger,
     guard: Guard,
@@ -267,7 +268,7 @@ impl Arbiter {
             events: vec![EpollEvent::empty(); 64],
             ready: Ready::default(),
             signals,
-            recv: RecvBatch::new(RECV_BATCH, cfg.max_datagram),
+            recv: Some(RecvBatch::new(RECV_BATCH, cfg.max_datagram)),
             responder: Responder::new(socket),
             ledger: Ledger::new(journal),
             guard: Guard::new(
@@ -329,7 +330,7 @@ impl Arbiter {
         while self.phase != Phase::Stopped {
             self.wait_for_events()?; // note what is ready; act below, in this order
             let now = Instant::now();
-            self.read_completions(); // READY, STOPPING, DONE, end of stream
+            self.read_completions(false); // READY, STOPPING, DONE, end of stream
             self.handle_signals(); // phases, pool size, reload, stops
             self.reap_workers(now)?; // waitpid; settle workers reaped and read to the end
             self.check_timeouts(now); // kill workers holding a request too long
@@ -381,9 +382,9 @@ impl Arbiter {
             }
         }
         // The pipes that do not wake the master ([`pool::completions_wake`])
-        // are read anyway: a busy worker's at every turn, an idle one's at
-        // a sweep (a turn a signal or a timeout woke, and at least every
-        // SWEEP_EVERY).
+        // are read anyway: a busy worker's when due ([`pool::completions_due`]),
+        // an idle one's at a sweep (a turn a signal or a timeout woke, and
+        // at least every SWEEP_EVERY).
         let now = Instant::now();
         ready.sweep = n == 0 || ready.signals || now >= self.next_sweep;
         if ready.sweep {

@@ -229,17 +229,49 @@ impl WorkerSlot {
 
 /// Whether a worker's completion pipe should wake the master from
 /// `epoll_wait`. Not while it simply serves: the master reads the pipe of
-/// every worker holding requests at each turn anyway, and is woken by the
-/// datagrams that keep it busy, so a completion costs the worker no
-/// wake-up of the master (and the master no extra turn); an idle worker's
-/// pipe is read at turns woken by a signal or a timeout, and at least every
-/// 100 ms. It does wake the master while the master waits for it:
+/// a worker holding requests at its turns anyway ([`completions_due`]),
+/// and is woken by the datagrams that keep it busy, so a completion costs
+/// the worker no wake-up of the master (and the master no extra turn); an
+/// idle worker's pipe is read at turns woken by a signal or a timeout, and
+/// at least every 100 ms. It does wake the master while the master waits for it:
 /// `master_waits` (requests queued for room, or the master is not
 /// reading: booting, draining, stopping, handed over), and for a worker
 /// booting (READY), retiring or killed (its end of stream), asked to stop
 /// (STOPPING) or reaped.
 pub fn completions_wake(slot: &WorkerSlot, master_waits: bool) -> bool {
     master_waits || slot.state != SlotState::Ready || slot.stop_requested || slot.exit.is_some()
+}
+
+/// How long a serving worker's oldest request may be held before the
+/// master reads its completion pipe at a turn where nothing else asks for
+/// it ([`completions_due`]).
+pub const READ_AFTER: Duration = Duration::from_millis(1);
+
+/// Whether the master reads the completion pipe of a worker that does not
+/// wake it ([`completions_wake`]) this turn: at a turn that reads them
+/// all (`all`: a sweep, requests waiting for room, a `stats` request;
+/// a sweep reads idle workers too),
+/// and otherwise once the worker holds half of `max_inflight` or has held
+/// its oldest request for `after` ([`READ_AFTER`], at most half the
+/// request timeout, so a request is never found expired unread).
+///
+/// At peak the master turns every 20-30 µs with a few datagrams each;
+/// reading every serving worker's pipe at each of them was 2.6 reads a
+/// turn, most finding the pipe empty (docs/PERFORMANCE.md). Read late,
+/// a completion changes nothing a client sees: its reply has left, the
+/// journal's latency ends at the worker's SENT_AT, and a retry of its
+/// request is held as in flight meanwhile.
+pub fn completions_due(
+    slot: &WorkerSlot,
+    now: Instant,
+    after: Duration,
+    max_inflight: usize,
+    all: bool,
+) -> bool {
+    all || slot.inflight.front().is_some_and(|oldest| {
+        slot.inflight.len() * 2 >= max_inflight
+            || now.saturating_duration_since(oldest.dispatched) >= after
+    })
 }
 
 // ----- dispatch ---------------------------------------------------------------
@@ -567,6 +599,40 @@ mod tests {
             redispatched: false,
             dedup: None,
         }
+    }
+
+    #[test]
+    fn a_serving_workers_completions_are_read_once_due() {
+        let after = READ_AFTER;
+        let idle = slot(0, SlotState::Ready, 0);
+        let busy = slot(1, SlotState::Ready, 3);
+        let sent = busy.inflight.front().unwrap().dispatched;
+        // Not while its oldest request is younger than `after`...
+        assert!(!completions_due(&busy, sent, after, 128, false));
+        assert!(!completions_due(&busy, sent + after / 2, after, 128, false));
+        // ...then at every turn.
+        assert!(completions_due(&busy, sent + after, after, 128, false));
+        // At once when it holds half its room, or the turn reads them all.
+        assert!(completions_due(&busy, sent, after, 6, false));
+        assert!(!completions_due(&busy, sent, after, 7, false));
+        assert!(completions_due(&busy, sent, after, 128, true));
+        // An idle worker's only when all are read (a sweep).
+        assert!(!completions_due(
+            &idle,
+            sent + after * 10,
+            after,
+            128,
+            false
+        ));
+        assert!(completions_due(&idle, sent, after, 128, true));
+        // With `--max-inflight 1` a worker holding one is always due.
+        assert!(completions_due(
+            &slot(2, SlotState::Ready, 1),
+            Instant::now(),
+            after,
+            1,
+            false
+        ));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use netio::RecvBatch;
 use protocol::answer::{self, Effect, Verdict};
 use protocol::{ErrorCode, Op, Outcome, ReplyContext, Request};
 
@@ -29,15 +30,32 @@ impl Arbiter {
     /// one HLC stamp. A trusted datagram carrying a causal link moves the
     /// clock past it first ([`follow_link`]); it and those after it in the
     /// batch get a new stamp.
+    ///
+    /// Completions are read lazily ([`crate::pool::completions_due`]):
+    /// before a `stats` reply (which counts what was answered) and before
+    /// dropping a retry as still in progress, every worker's are read
+    /// first, once a turn.
     pub(super) fn read_datagrams(&mut self, now: Instant) {
         if !self.ready.datagrams || !self.reading() {
             return;
         }
+        // Out of `self` while its datagrams are handled, which may read
+        // completions (`&mut self`).
+        let Some(mut recv) = self.recv.take() else {
+            return;
+        };
+        self.read_datagrams_with(&mut recv, now);
+        self.recv = Some(recv);
+    }
+
+    fn read_datagrams_with(&mut self, recv: &mut RecvBatch, now: Instant) {
+        // Whether every worker's completions were read this turn.
+        let mut completions_read = false;
         for _ in 0..RECV_ROUNDS {
             if self.dispatcher.len() >= QUEUE_CAP {
                 return;
             }
-            let got = match self.recv.recv(&self.responder.socket) {
+            let got = match recv.recv(&self.responder.socket) {
                 Ok(n) => n,
                 Err(e) => {
                     log::warn!("recvmmsg: {e}");
@@ -53,7 +71,7 @@ impl Arbiter {
                 hlc: self.cfg.clock.stamp(),
             };
             self.ledger.totals.received += got as u64;
-            for d in self.recv.iter() {
+            for d in recv.iter() {
                 let reply_limit = match self.guard.admit(d.from, d.payload.len(), now) {
                     Admission::Answer { reply_limit } => reply_limit,
                     over_the_limit => {
@@ -100,6 +118,9 @@ impl Arbiter {
                     if let Some(p) = protocol::parse(d.payload) {
                         if p.request == Ok(Request::Stats) {
                             let outcome = if trusted {
+                                if !std::mem::replace(&mut completions_read, true) {
+                                    self.read_completions(true);
+                                }
                                 let body = super::stats::stats_json(self, now);
                                 answer_stats(&mut self.responder, &body, d.from, p.id)
                             } else {
@@ -149,8 +170,15 @@ impl Arbiter {
                     true => protocol::request::scan_id(d.payload),
                     false => None,
                 };
-                let dedup = match dedup.map(|id| (id, self.dedup.check(d.from, id, d.payload, now)))
+                let mut check = dedup.map(|id| (id, self.dedup.check(d.from, id, d.payload, now)));
+                if matches!(check, Some((_, Check::InProgress)))
+                    && !std::mem::replace(&mut completions_read, true)
                 {
+                    // Its request may be answered already, unread.
+                    self.read_completions(true);
+                    check = dedup.map(|id| (id, self.dedup.check(d.from, id, d.payload, now)));
+                }
+                let dedup = match check {
                     None | Some((_, Check::Uncached)) => None,
                     Some((_, Check::New(token))) => Some(token),
                     Some((id, Check::InProgress)) => {

@@ -25,14 +25,20 @@ impl Arbiter {
     /// the end of the stream (the worker is gone: reaping settles it).
     ///
     /// Read: the pipes epoll reported, and those that do not wake the
-    /// master ([`pool::completions_wake`]): a busy worker's at every turn,
-    /// an idle one's at a sweep.
-    pub(super) fn read_completions(&mut self) {
+    /// master ([`pool::completions_wake`]) when they are due
+    /// ([`pool::completions_due`]): a busy worker's once it holds a
+    /// request for [`pool::READ_AFTER`] or half its room, all of them at a
+    /// sweep, while requests wait for room, or with `all` (before a
+    /// `stats` reply, which counts what was answered).
+    pub(super) fn read_completions(&mut self, all: bool) {
         let now = Instant::now();
-        let (reported, sweep) = (&self.ready.completions, self.ready.sweep);
+        let reported = &self.ready.completions;
+        let all = all || self.ready.sweep || !self.dispatcher.is_empty();
+        let after = pool::READ_AFTER.min(self.cfg.request_timeout / 2);
+        let max_inflight = self.cfg.max_inflight;
         for slot in self.slots.iter_mut() {
             let due = reported.contains(&slot.serial)
-                || (!slot.wakes && (sweep || !slot.inflight.is_empty()));
+                || (!slot.wakes && pool::completions_due(slot, now, after, max_inflight, all));
             if !due {
                 continue;
             }
