@@ -130,9 +130,16 @@ pub fn dialect_of(datagram: &[u8]) -> Dialect {
 /// (`"st\u0061ts"`) is only possible in a datagram with a backslash, which
 /// is always a maybe.
 pub fn may_be_stats(datagram: &[u8]) -> bool {
+    // A quote, then the rarer letters first, as in [`may_carry_hlc`].
     datagram.contains(&b'\\')
-        || datagram.windows(7).any(|w| w == b"\"stats\"")
-        || datagram.windows(9).any(|w| w == b"\"members\"")
+        || datagram.iter().enumerate().any(|(i, &b)| {
+            b == b'"'
+                && match datagram.get(i + 1) {
+                    Some(b's') => datagram[i + 1..].starts_with(b"stats\""),
+                    Some(b'm') => datagram[i + 1..].starts_with(b"members\""),
+                    _ => false,
+                }
+        })
 }
 
 /// Whether a datagram may carry a causal link (a JSON `"hlc"` field): the
@@ -781,6 +788,11 @@ mod tests {
         assert!(!may_carry_hlc(br#"{"op":"hello","n":"hl"}"#));
         assert!(!may_be_stats(br#"{"op":"square","n":1}"#));
         assert!(may_be_stats(br#"{"op":"members","id":1}"#));
+        assert!(!may_be_stats(br#"{"op":"square","n":1,"id":"stat"}"#));
+        assert!(!may_be_stats(br#"{"op":"square","n":1,"id":"member"#));
+        assert!(!may_be_stats(b"stats\""));
+        assert!(!may_be_stats(b"\""));
+        assert!(may_be_stats(br#"{"stats":1}"#));
         assert_eq!(req(r#"{"op":"members"}"#), Ok(Request::Members));
         assert_eq!(peek_id(br#"{"op":"x","id":[1]}"#), (Dialect::Json, None));
         assert_eq!(peek_id(br#"{"op":"x","id":9}"#), (Dialect::Json, Some("9")));
