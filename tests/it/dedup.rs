@@ -406,6 +406,62 @@ fn a_retrying_client_gets_a_slow_request_run_once() {
 }
 
 #[test]
+fn a_retry_sent_the_moment_its_reply_arrives_is_replayed_and_runs_once() {
+    // The master reads a serving worker's completions lazily
+    // (`pool::completions_due`), so a retry sent the moment its reply
+    // arrives mostly finds its request still in progress. The master then
+    // reads every worker's completions and checks the retry again: it is
+    // replayed. Only a retry that beats the worker's own completion write
+    // (the reply leaves first) is dropped, and the client's next try is
+    // replayed.
+    let _g = harness::shared();
+    let j = Journaled::start(&["--workers", "2"]);
+    let s = &j.server;
+    let c = s.client();
+    const N: u64 = 20;
+    let mut at_once = 0;
+    for k in 0..N {
+        let req = format!(r#"{{"op":"square","n":{k},"id":"quick-{k}"}}"#);
+        let first = c
+            .request(req.as_bytes(), Duration::from_secs(3), 3)
+            .unwrap_or_else(|| s.fail(&format!("no reply to {req}")));
+        c.send(req.as_bytes());
+        let again = match c.recv(Duration::from_millis(500)) {
+            Some(reply) => {
+                at_once += 1;
+                reply
+            }
+            None => c
+                .request(req.as_bytes(), Duration::from_secs(1), 5)
+                .unwrap_or_else(|| s.fail(&format!("no reply to the retries of {req}"))),
+        };
+        s.check(again == first, || {
+            format!("{req}: first {first:?}, retry {again:?}")
+        });
+    }
+    let d = dedup(s);
+    eprintln!("dedup: {at_once} of {N} retries sent at their reply replayed at once; stats {d}");
+    // Without the second check none of the 20 is replayed at once (all
+    // are dropped, then replayed at the client's next try); with it, all
+    // 20 on a quiet machine. At least one, even on a busy one.
+    s.check(n(&d, "replayed") >= N && at_once >= 1, || {
+        format!("every retry replayed, {at_once} of {N} at once: {d}")
+    });
+    j.stop();
+    for k in 0..N {
+        let rows = j.rows(&format!("quick-{k}"));
+        let by = outcomes(&rows);
+        s.check(
+            executed(&rows) == 1
+                && by.get("ok") == Some(&1)
+                && by.get("replayed").is_some_and(|r| *r >= 1)
+                && rows.len() == 1 + by["replayed"] + by.get("duplicate").unwrap_or(&0),
+            || format!("journal rows of quick-{k}: {rows:?}"),
+        );
+    }
+}
+
+#[test]
 fn inline_answers_are_replayed_too() {
     let _g = harness::shared();
     let s = Server::start(&["--workers", "0"]);
