@@ -196,6 +196,47 @@ def switches_sample(root):
     return sample
 
 
+def last_cpu(pid):
+    """The CPU a process last ran on (/proc/PID/stat field 39), or None."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            data = f.read()
+    except OSError:
+        return None
+    return int(data[data.rindex(")") + 2:].split()[36])
+
+
+def run_sampling_cpus(cmd, master, timeout_s, every_s=0.01):
+    """Runs loadgen `cmd` to its end; meanwhile, every `every_s`, notes
+    whether the `master` process last ran on the CPU loadgen last ran on.
+    Returns (exit status, stdout, stderr, the share of samples where they
+    shared a CPU, or None). On a machine with as many cores as processes
+    that matter, the share says how often the scheduler stacked the two:
+    inline (one server process) loses its peak when it shares loadgen's
+    CPU (docs/PERFORMANCE.md, fifth round)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        load = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        deadline = time.monotonic() + timeout_s
+        same = total = 0
+        try:
+            while load.poll() is None:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("loadgen did not finish within %.0f s" % timeout_s)
+                a, b = last_cpu(master), last_cpu(load.pid)
+                if a is not None and b is not None:
+                    total += 1
+                    same += a == b
+                time.sleep(every_s)
+        finally:
+            if load.poll() is None:
+                load.kill()
+                load.wait()
+        out.seek(0)
+        err.seek(0)
+        return (load.returncode, out.read().decode(), err.read().decode(),
+                same / total if total else None)
+
+
 def vm_hwm_kib(pid):
     try:
         with open("/proc/%d/status" % pid) as f:
@@ -288,14 +329,13 @@ def run_one(config, phase, args, rate=None, plot=None):
                 load += ["--plot", plot]
             before = cpu_sample(proc.pid)
             switches_before = switches_sample(proc.pid)
-            out = subprocess.run(load, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                 timeout=args.seconds + 60)
+            returncode, stdout, stderr, shared = run_sampling_cpus(load, proc.pid, args.seconds + 60)
             after = cpu_sample(proc.pid)
             switches_after = switches_sample(proc.pid)
             tree = process_tree(proc.pid)
-            if out.returncode != 0:
-                raise RuntimeError("loadgen failed (%d): %s" % (out.returncode, out.stderr.strip()))
-            report = json.loads(out.stdout.strip().splitlines()[-1])
+            if returncode != 0:
+                raise RuntimeError("loadgen failed (%d): %s" % (returncode, stderr.strip()))
+            report = json.loads(stdout.strip().splitlines()[-1])
             ticks = cpu_used(before, after)
             master_ticks = cpu_used(before, after, only=proc.pid)
             worker_ticks = cpu_used(before, after, but=proc.pid)
@@ -310,6 +350,7 @@ def run_one(config, phase, args, rate=None, plot=None):
                 "master_cpu_us_per_req": master_ticks / CLK_TCK * 1e6 / ok if ok else None,
                 "worker_cpu_us_per_req": worker_ticks / CLK_TCK * 1e6 / ok if ok else None,
                 "switches_per_req": cpu_used(switches_before, switches_after) / ok if ok else None,
+                "master_on_loadgen_cpu": shared,
                 "master_rss_kib": vm_hwm_kib(proc.pid),
                 "max_worker_rss_kib": max([r for r in worker_rss if r] or [0]) or None,
                 "report": report,
@@ -345,6 +386,7 @@ def summarize(results, configs, rates):
             "master_cpu_us_per_req": median([r["master_cpu_us_per_req"] for r in peak]),
             "worker_cpu_us_per_req": median([r["worker_cpu_us_per_req"] for r in peak]),
             "switches_per_req": median([r.get("switches_per_req") for r in peak]),
+            "master_on_loadgen_cpu": median([r.get("master_on_loadgen_cpu") for r in peak]),
             "lat_switches_per_req": median([r.get("switches_per_req") for r in lat]),
             "lat_busy": sum(r["report"]["errors"].get("busy", 0) for r in lat),
             "lat_runs": len(lat),
@@ -414,15 +456,15 @@ def scaling_table(summary, configs):
     inline = summary.get("inline", {})
     rows = [
         "| server | peak replies/s | vs inline | CPU/request | master | children (workers) | vs inline "
-        "| context switches/request at peak | at the latency rate |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| context switches/request at peak | at the latency rate | master on loadgen's CPU |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for c in ("inline", "pool1", "pool2", "pool", "pool@baseline", "journal", "journal@baseline", "trimmed",
               "trimmed@baseline", "tokio"):
         if c not in configs:
             continue
         s = summary[c]
-        rows.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        rows.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             label(c),
             fmt(s["peak_rps"], ",.0f"),
             fmt(ratio(s["peak_rps"], inline.get("peak_rps")), ".2f", "x"),
@@ -432,6 +474,7 @@ def scaling_table(summary, configs):
             fmt(ratio(s["cpu_us_per_req"], inline.get("cpu_us_per_req")), ".2f", "x"),
             fmt(s["switches_per_req"], ".2f"),
             fmt(s["lat_switches_per_req"], ".2f"),
+            fmt(None if s["master_on_loadgen_cpu"] is None else 100 * s["master_on_loadgen_cpu"], ".0f", "%"),
         ))
     return "\n".join(rows)
 
@@ -510,6 +553,31 @@ def baseline_ratios(summary, configs):
             fmt(ratio(s["p99_us"], b["p99_us"]), ".2f", "x"),
             fmt(s["rate"], ",.0f"), us(s["p99_us"]), us(b["p99_us"])))
     return "\n".join(lines)
+
+
+def paired_rounds(results):
+    """Pool against inline round by round (both are measured in every
+    round, one after the other): the ratios whose medians the targets
+    read, and beside each round inline's peak and how often its master
+    shared loadgen's CPU, which is what moves inline's peak on this
+    machine (docs/PERFORMANCE.md, fifth round). Empty without both."""
+    pool = [r for r in results if r["config"] == "pool" and r["phase"] == "peak"]
+    inline = [r for r in results if r["config"] == "inline" and r["phase"] == "peak"]
+    rounds = list(zip(pool, inline))
+    if not rounds:
+        return ""
+    rows = ["| round | pool replies/s | inline replies/s | throughput pool/inline | CPU/request pool/inline "
+            "| inline's master on loadgen's CPU |", "|--:|--:|--:|--:|--:|--:|"]
+    tput, cpu = [], []
+    for k, (p, i) in enumerate(rounds, 1):
+        tput.append(ratio(p["ok_rps"], i["ok_rps"]))
+        cpu.append(ratio(p["cpu_us_per_req"], i["cpu_us_per_req"]))
+        shared = i.get("master_on_loadgen_cpu")
+        rows.append("| %d | %s | %s | %s | %s | %s |" % (
+            k, fmt(p["ok_rps"], ",.0f"), fmt(i["ok_rps"], ",.0f"), fmt(tput[-1], ".2f", "x"),
+            fmt(cpu[-1], ".2f", "x"), fmt(None if shared is None else 100 * shared, ".0f", "%")))
+    rows.append("| median | | | %s | %s | |" % (fmt(median(tput), ".2f", "x"), fmt(median(cpu), ".2f", "x")))
+    return "\n".join(rows)
 
 
 def revision(bin_dir):
@@ -670,6 +738,9 @@ def main():
     if any(c in configs for c in ("pool1", "pool2", "tokio")):
         parts.append("Scaling and the cost of the hop (peak phase; CPU per ok reply, the master's own "
                      "apart from its children's):\n\n" + scaling_table(summary, configs))
+    paired = paired_rounds(results)
+    if paired:
+        parts.append("Pool against inline, round by round (peak phase):\n\n" + paired)
     if args.baseline:
         parts.append("Current / baseline (peak and CPU/request at peak; p99 at the same rate; "
                      "above 1 means more for the current build):\n\n" + baseline_ratios(summary, configs))
