@@ -43,7 +43,12 @@ machine spread over all of them. Reported values are medians over rounds.
   load80   the journal (the default configuration) only: open loop at 80%
            of its own peak, to count busy replies near the limit.
 CPU per request is also split into the master's own and its children's
-(the workers'), so the cost of the hop is visible.
+(the workers'), so the cost of the hop is visible. During each peak run the
+CPU that loadgen and the server's master last ran on are sampled every
+10 ms: the share of samples where they were the same says how often the
+scheduler stacked them (inline, one process, loses its peak then). The
+pool and inline are also compared round by round (both run in every
+round), beside the medians the targets read.
 For every start: the time from exec to N distinct workers answering hello
 (1 for inline), and after every run the peak RSS (VmHWM) of the master and
 of its largest worker.
