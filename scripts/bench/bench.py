@@ -138,15 +138,21 @@ def server_command(config, bin_dir, port, tmp):
     return [master, "--bind", bind, "--workers", workers, "--journal", journal] + extra
 
 
-def read_stat(pid):
-    """(ppid, utime+stime ticks) of a process, or None if it is gone."""
+def stat_fields(pid):
+    """The fields of /proc/PID/stat after the command name (the first is
+    the state, field 3), or None if the process is gone."""
     try:
         with open("/proc/%d/stat" % pid) as f:
             data = f.read()
     except OSError:
         return None
-    fields = data[data.rindex(")") + 2:].split()
-    return int(fields[1]), int(fields[11]) + int(fields[12])
+    return data[data.rindex(")") + 2:].split()
+
+
+def read_stat(pid):
+    """(ppid, utime+stime ticks) of a process, or None if it is gone."""
+    fields = stat_fields(pid)
+    return None if fields is None else (int(fields[1]), int(fields[11]) + int(fields[12]))
 
 
 def process_tree(root):
@@ -203,12 +209,8 @@ def switches_sample(root):
 
 def last_cpu(pid):
     """The CPU a process last ran on (/proc/PID/stat field 39), or None."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            data = f.read()
-    except OSError:
-        return None
-    return int(data[data.rindex(")") + 2:].split()[36])
+    fields = stat_fields(pid)
+    return None if fields is None else int(fields[36])
 
 
 def run_sampling_cpus(cmd, master, timeout_s, every_s=0.01):
