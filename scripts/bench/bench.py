@@ -213,11 +213,12 @@ def last_cpu(pid):
     return None if fields is None else int(fields[36])
 
 
-def run_sampling_cpus(cmd, master, timeout_s, every_s=0.01):
-    """Runs loadgen `cmd` to its end; meanwhile, every `every_s`, notes
-    whether the `master` process last ran on the CPU loadgen last ran on.
-    Returns (exit status, stdout, stderr, the share of samples where they
-    shared a CPU, or None). On a machine with as many cores as processes
+def run_sampling_cpus(cmd, master, timeout_s, sample):
+    """Runs loadgen `cmd` to its end; meanwhile, if `sample`, notes every
+    10 ms whether the `master` process last ran on the CPU loadgen last
+    ran on (only the peak phase samples: the latency phase's loadgen is
+    left alone). Returns (exit status, stdout, stderr, the share of
+    samples where they shared a CPU, or None). On a machine with as many cores as processes
     that matter, the share says how often the scheduler stacked the two:
     inline (one server process) loses its peak when it shares loadgen's
     CPU (docs/PERFORMANCE.md, fifth round)."""
@@ -229,11 +230,17 @@ def run_sampling_cpus(cmd, master, timeout_s, every_s=0.01):
             while load.poll() is None:
                 if time.monotonic() > deadline:
                     raise RuntimeError("loadgen did not finish within %.0f s" % timeout_s)
+                if not sample:
+                    try:
+                        load.wait(timeout=max(0.0, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        pass
+                    continue
                 a, b = last_cpu(master), last_cpu(load.pid)
                 if a is not None and b is not None:
                     total += 1
                     same += a == b
-                time.sleep(every_s)
+                time.sleep(0.01)
         finally:
             if load.poll() is None:
                 load.kill()
@@ -336,7 +343,8 @@ def run_one(config, phase, args, rate=None, plot=None):
                 load += ["--plot", plot]
             before = cpu_sample(proc.pid)
             switches_before = switches_sample(proc.pid)
-            returncode, stdout, stderr, shared = run_sampling_cpus(load, proc.pid, args.seconds + 60)
+            returncode, stdout, stderr, shared = run_sampling_cpus(load, proc.pid, args.seconds + 60,
+                                                                 sample=phase == "peak")
             after = cpu_sample(proc.pid)
             switches_after = switches_sample(proc.pid)
             tree = process_tree(proc.pid)
