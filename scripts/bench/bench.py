@@ -218,29 +218,23 @@ def run_sampling_cpus(cmd, master, timeout_s, sample):
     10 ms whether the `master` process last ran on the CPU loadgen last
     ran on (only the peak phase samples: the latency phase's loadgen is
     left alone). Returns (exit status, stdout, stderr, the share of
-    samples where they shared a CPU, or None). On a machine with as many cores as processes
-    that matter, the share says how often the scheduler stacked the two:
-    inline (one server process) loses its peak when it shares loadgen's
-    CPU (docs/PERFORMANCE.md, fifth round)."""
+    samples where they shared a CPU, or None). Inline (one server
+    process) loses its peak when it shares loadgen's CPU
+    (docs/PERFORMANCE.md, fifth round)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         load = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
         deadline = time.monotonic() + timeout_s
         same = total = 0
         try:
-            while load.poll() is None:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("loadgen did not finish within %.0f s" % timeout_s)
-                if not sample:
-                    try:
-                        load.wait(timeout=max(0.0, deadline - time.monotonic()))
-                    except subprocess.TimeoutExpired:
-                        pass
-                    continue
+            while sample and load.poll() is None and time.monotonic() < deadline:
                 a, b = last_cpu(master), last_cpu(load.pid)
                 if a is not None and b is not None:
                     total += 1
                     same += a == b
                 time.sleep(0.01)
+            load.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise RuntimeError("loadgen did not finish within %g s" % timeout_s)
         finally:
             if load.poll() is None:
                 load.kill()
