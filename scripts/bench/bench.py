@@ -49,6 +49,11 @@ CPU that loadgen and the server's master last ran on are sampled every
 scheduler stacked them (inline, one process, loses its peak then). The
 pool and inline are also compared round by round (both run in every
 round), beside the medians the targets read.
+Beside every measurement runs stall_probe.py, a SCHED_FIFO task that
+sleeps 2 ms at a time: when it wakes over 5 ms late (STALL_LIMIT_MS), the
+host held the whole virtual machine back, and the measurement is made
+again (at most twice; the last is kept, and the output says which ones
+were made again and which stayed disturbed).
 For every start: the time from exec to N distinct workers answering hello
 (1 for inline), and after every run the peak RSS (VmHWM) of the master and
 of its largest worker.
@@ -62,6 +67,7 @@ import argparse
 import json
 import os
 import platform
+import select
 import signal
 import socket
 import statistics
@@ -100,6 +106,11 @@ BASELINE_OF = {"pool@baseline": "pool", "journal@baseline": "journal", "trimmed@
 
 # Whole-run budget: stop starting new measurements past this.
 BUDGET_S = 9 * 60
+# A measurement during which the host held the whole machine back for
+# longer than this (stall_probe.py under SCHED_FIFO) is made again, at most
+# RERUNS times; the last one is kept (flagged when still disturbed).
+STALL_LIMIT_MS = 5.0
+RERUNS = 2
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -245,6 +256,37 @@ def run_sampling_cpus(cmd, master, timeout_s, sample):
                 same / total if total else None)
 
 
+class StallProbe:
+    """stall_probe.py, running beside one measurement: how long the host
+    held the whole machine back meanwhile."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "stall_probe.py")],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+        ready, _, _ = select.select([self.proc.stdout], [], [], 5.0)
+        if not ready or self.proc.stdout.readline().strip() != "ready":
+            self.kill()
+            raise RuntimeError("stall_probe.py did not start within 5 s")
+
+    def finish(self):
+        """Stops the probe; the latest wake-up in ms beyond the period, or
+        None when it could not run under SCHED_FIFO (not as root), where
+        its lateness would include the server's own load."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = self.proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise RuntimeError("stall_probe.py did not stop within 5 s")
+        seen = json.loads(out.strip().splitlines()[-1])
+        return seen["worst_ms"] if seen["policy"] == "SCHED_FIFO" else None
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def vm_hwm_kib(pid):
     try:
         with open("/proc/%d/status" % pid) as f:
@@ -335,12 +377,17 @@ def run_one(config, phase, args, rate=None, plot=None):
                 load += ["--rate", "%.0f" % rate]
             if plot:
                 load += ["--plot", plot]
-            before = cpu_sample(proc.pid)
-            switches_before = switches_sample(proc.pid)
-            returncode, stdout, stderr, shared = run_sampling_cpus(load, proc.pid, args.seconds + 60,
-                                                                 sample=phase == "peak")
-            after = cpu_sample(proc.pid)
-            switches_after = switches_sample(proc.pid)
+            probe = StallProbe()
+            try:
+                before = cpu_sample(proc.pid)
+                switches_before = switches_sample(proc.pid)
+                returncode, stdout, stderr, shared = run_sampling_cpus(load, proc.pid, args.seconds + 60,
+                                                                     sample=phase == "peak")
+                after = cpu_sample(proc.pid)
+                switches_after = switches_sample(proc.pid)
+                host_stall_ms = probe.finish()
+            finally:
+                probe.kill()
             tree = process_tree(proc.pid)
             if returncode != 0:
                 raise RuntimeError("loadgen failed (%d): %s" % (returncode, stderr.strip()))
@@ -360,6 +407,7 @@ def run_one(config, phase, args, rate=None, plot=None):
                 "worker_cpu_us_per_req": worker_ticks / CLK_TCK * 1e6 / ok if ok else None,
                 "switches_per_req": cpu_used(switches_before, switches_after) / ok if ok else None,
                 "master_on_loadgen_cpu": shared,
+                "host_stall_ms": host_stall_ms,
                 "master_rss_kib": vm_hwm_kib(proc.pid),
                 "max_worker_rss_kib": max([r for r in worker_rss if r] or [0]) or None,
                 "report": report,
@@ -576,17 +624,35 @@ def paired_rounds(results):
     if not rounds:
         return ""
     rows = ["| round | pool replies/s | inline replies/s | throughput pool/inline | CPU/request pool/inline "
-            "| inline's master on loadgen's CPU |", "|--:|--:|--:|--:|--:|--:|"]
+            "| inline's master on loadgen's CPU | host stall, pool / inline |", "|--:|--:|--:|--:|--:|--:|--:|"]
     tput, cpu = [], []
     for k, (p, i) in enumerate(rounds, 1):
         tput.append(ratio(p["ok_rps"], i["ok_rps"]))
         cpu.append(ratio(p["cpu_us_per_req"], i["cpu_us_per_req"]))
         shared = i.get("master_on_loadgen_cpu")
-        rows.append("| %d | %s | %s | %s | %s | %s |" % (
+        rows.append("| %d | %s | %s | %s | %s | %s | %s / %s ms |" % (
             k, fmt(p["ok_rps"], ",.0f"), fmt(i["ok_rps"], ",.0f"), fmt(tput[-1], ".2f", "x"),
-            fmt(cpu[-1], ".2f", "x"), fmt(None if shared is None else 100 * shared, ".0f", "%")))
-    rows.append("| median | | | %s | %s | |" % (fmt(median(tput), ".2f", "x"), fmt(median(cpu), ".2f", "x")))
+            fmt(cpu[-1], ".2f", "x"), fmt(None if shared is None else 100 * shared, ".0f", "%"),
+            fmt(p.get("host_stall_ms"), ".1f"), fmt(i.get("host_stall_ms"), ".1f")))
+    rows.append("| median | | | %s | %s | | |" % (fmt(median(tput), ".2f", "x"), fmt(median(cpu), ".2f", "x")))
     return "\n".join(rows)
+
+
+def stall_note(results):
+    """One line on the host's stalls over the run's kept measurements, and
+    on the measurements made again because of them."""
+    seen = [r["host_stall_ms"] for r in results if r.get("host_stall_ms") is not None]
+    if not seen:
+        return ("Host stalls: not probed (stall_probe.py needs SCHED_FIFO, i.e. root); "
+                "no measurement was made again.")
+    again = sum(r.get("reruns", 0) for r in results)
+    kept = [r for r in results if r.get("disturbed")]
+    return ("Host stalls (stall_probe.py: a SCHED_FIFO task's latest wake-up beyond its 2 ms sleep, "
+            "beside every measurement): at most %.1f ms in the measurements kept, median %.1f ms; "
+            "%d measurement(s) made again because the host held the machine back for over %.0f ms, "
+            "%d kept although still disturbed (%s)." % (
+                max(seen), median(seen), again, STALL_LIMIT_MS, len(kept),
+                ", ".join("%s %s round %d" % (r["phase"], r["config"], r["round"]) for r in kept) or "none"))
 
 
 def revision(bin_dir):
@@ -694,14 +760,23 @@ def main():
                 plot = None
                 if args.out and r == args.rounds - 1:
                     plot = os.path.join(args.out, "%s-%s.svg" % (c, phase))
-                res = run_one(c, phase, args, rate=rate_of(c), plot=plot)
+                for attempt in range(RERUNS + 1):
+                    res = run_one(c, phase, args, rate=rate_of(c), plot=plot)
+                    stall = res["host_stall_ms"]
+                    rep = res["report"]
+                    log("%-7s %-*s round %d: %8.0f ok/s  p99 %8.1f µs  lost %d  errors %d  cpu %s µs/req  "
+                        "start %.0f ms  loadgen lag %.1f ms  host stall %s ms" % (
+                            phase, width, c, r + 1, res["ok_rps"], rep["latency_us"]["p99"], rep["lost"],
+                            sum(rep["errors"].values()), fmt(res["cpu_us_per_req"], ".2f"), res["startup_ms"],
+                            rep["max_send_lag_us"] / 1000, fmt(stall, ".1f")))
+                    res["reruns"] = attempt
+                    res["round"] = r + 1
+                    res["disturbed"] = stall is not None and stall > STALL_LIMIT_MS
+                    if not res["disturbed"] or attempt == RERUNS or time.monotonic() - t0 > BUDGET_S:
+                        break
+                    log("the host held the machine back for %.1f ms (over %.0f): measuring again"
+                        % (stall, STALL_LIMIT_MS))
                 results.append(res)
-                rep = res["report"]
-                log("%-7s %-*s round %d: %8.0f ok/s  p99 %8.1f µs  lost %d  errors %d  cpu %s µs/req  "
-                    "start %.0f ms  loadgen lag %.1f ms" % (
-                        phase, width, c, r + 1, res["ok_rps"], rep["latency_us"]["p99"], rep["lost"],
-                        sum(rep["errors"].values()), fmt(res["cpu_us_per_req"], ".2f"), res["startup_ms"],
-                        rep["max_send_lag_us"] / 1000))
 
     rounds("peak", configs, lambda c: None)
     peaks = {c: median([r["ok_rps"] for r in results if r["config"] == c]) for c in configs}
@@ -736,6 +811,7 @@ def main():
         "Latency is from the intended send time (wrk2-style); 'p99 from send' is from the actual send: "
         "where the two differ, loadgen itself was delayed (it shares the CPUs with the server).",
         "RSS: VmHWM, the most over all runs. Start: exec to N distinct worker pids answering hello.",
+        stall_note(results),
     ])
     if args.baseline:
         header += "\n" + "\n".join([
