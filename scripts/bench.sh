@@ -17,6 +17,8 @@
 # BENCH_WINDOW (32), BENCH_LOADGEN_NICE (-10, latency phase only),
 # BENCH_CONFIGS, BENCH_BASELINE. With the defaults it takes about 4 minutes;
 # it refuses settings that would take more than 9.
+# Beside every measurement scripts/bench/stall_probe.py (SCHED_FIFO, as
+# root) watches for host stalls; one over 5 ms is measured again, at most twice.
 # Only 127.0.0.1 is loaded; every server started is stopped on any exit.
 #
 # Comparing two builds: --baseline DIR, where DIR holds another build's

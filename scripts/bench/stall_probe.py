@@ -8,7 +8,8 @@ sleeps 2 ms at a time under SCHED_FIFO (when allowed: as root), so that
 inside the guest nothing but interrupts can hold it back: when it wakes
 much later than asked, the whole machine was held back.
 
-It prints "ready" once started, and on SIGTERM one JSON line:
+It prints "ready" once started, and on SIGTERM one JSON line (it also
+ends, silently, once its parent is gone):
   policy    SCHED_FIFO, or SCHED_OTHER when it could not raise itself (its
             lateness then includes the guest's own load and says little)
   worst_ms  the latest wake-up, beyond the 2 ms asked
@@ -34,8 +35,10 @@ def main():
     stopping = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
     worst = late_total = 0.0
+    parent = os.getppid()
     print("ready", flush=True)
-    while not stopping:
+    # Also ends if bench.py is gone (killed), not to outlive it.
+    while not stopping and os.getppid() == parent:
         t = time.monotonic()
         time.sleep(PERIOD_S)
         late = time.monotonic() - t - PERIOD_S
