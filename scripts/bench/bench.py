@@ -641,6 +641,12 @@ def paired_rounds(results):
     return "\n".join(rows)
 
 
+def disturbed(res):
+    """Whether the host held the machine back during a measurement for
+    longer than STALL_LIMIT_MS (never when the probe could not tell)."""
+    return (res.get("host_stall_ms") or 0) > STALL_LIMIT_MS
+
+
 def stall_note(results):
     """One line on the host's stalls over the run's kept measurements, and
     on the measurements made again because of them."""
@@ -649,7 +655,7 @@ def stall_note(results):
         return ("Host stalls: not probed (stall_probe.py needs SCHED_FIFO, i.e. root); "
                 "no measurement was made again.")
     again = sum(r.get("reruns", 0) for r in results)
-    kept = [r for r in results if r.get("disturbed")]
+    kept = [r for r in results if disturbed(r)]
     return ("Host stalls (stall_probe.py: a SCHED_FIFO task's latest wake-up beyond its 2 ms sleep, "
             "beside every measurement): at most %.1f ms in the measurements kept, median %.1f ms; "
             "%d measurement(s) made again because the host held the machine back for over %.0f ms, "
@@ -774,8 +780,7 @@ def main():
                             rep["max_send_lag_us"] / 1000, fmt(stall, ".1f")))
                     res["reruns"] = attempt
                     res["round"] = r + 1
-                    res["disturbed"] = stall is not None and stall > STALL_LIMIT_MS
-                    if not res["disturbed"] or attempt == RERUNS or time.monotonic() - t0 > BUDGET_S:
+                    if not disturbed(res) or attempt == RERUNS or time.monotonic() - t0 > BUDGET_S:
                         break
                     log("the host held the machine back for %.1f ms (over %.0f): measuring again"
                         % (stall, STALL_LIMIT_MS))
