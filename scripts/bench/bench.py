@@ -46,7 +46,8 @@ CPU per request is also split into the master's own and its children's
 (the workers'), so the cost of the hop is visible. During each peak run the
 CPU that loadgen and the server's master last ran on are sampled every
 10 ms: the share of samples where they were the same says how often the
-scheduler stacked them (inline, one process, loses its peak then). The
+scheduler stacked them (the one- and two-worker pools lose their peak
+then; inline's spread between rounds is mostly not that). The
 pool and inline are also compared round by round (both run in every
 round), beside the medians the targets read.
 Beside every measurement runs stall_probe.py, a SCHED_FIFO task that
@@ -229,8 +230,8 @@ def run_sampling_cpus(cmd, master, timeout_s, sample):
     10 ms whether the `master` process last ran on the CPU loadgen last
     ran on (only the peak phase samples: the latency phase's loadgen is
     left alone). Returns (exit status, stdout, stderr, the share of
-    samples where they shared a CPU, or None). Inline (one server
-    process) loses its peak when it shares loadgen's CPU
+    samples where they shared a CPU, or None). A pool of one or two
+    workers loses its peak when its master shares loadgen's CPU
     (docs/PERFORMANCE.md, fifth round)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         load = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
@@ -425,6 +426,11 @@ def fmt(v, spec, unit=""):
     return "n/a" if v is None else format(v, spec) + unit
 
 
+def pct(share):
+    """A share (0..1, or None) as a whole percentage."""
+    return fmt(None if share is None else 100 * share, ".0f", "%")
+
+
 def ratio(a, b):
     return None if a is None or not b else a / b
 
@@ -532,7 +538,7 @@ def scaling_table(summary, configs):
             fmt(ratio(s["cpu_us_per_req"], inline.get("cpu_us_per_req")), ".2f", "x"),
             fmt(s["switches_per_req"], ".2f"),
             fmt(s["lat_switches_per_req"], ".2f"),
-            fmt(None if s["master_on_loadgen_cpu"] is None else 100 * s["master_on_loadgen_cpu"], ".0f", "%"),
+            pct(s["master_on_loadgen_cpu"]),
         ))
     return "\n".join(rows)
 
@@ -618,9 +624,9 @@ def baseline_ratios(summary, configs):
 def paired_rounds(results):
     """Pool against inline round by round (both are measured in every
     round, one after the other): the ratios whose medians the targets
-    read, and beside each round inline's peak and how often its master
-    shared loadgen's CPU, which is what moves inline's peak on this
-    machine (docs/PERFORMANCE.md, fifth round). Empty without both."""
+    read, and beside each round how often inline's master shared
+    loadgen's CPU (rarely the cause of inline's spread: docs/PERFORMANCE.md,
+    fifth round) and each side's host stall. Empty without both."""
     pool = [r for r in results if r["config"] == "pool" and r["phase"] == "peak"]
     inline = [r for r in results if r["config"] == "inline" and r["phase"] == "peak"]
     rounds = list(zip(pool, inline))
@@ -632,10 +638,9 @@ def paired_rounds(results):
     for k, (p, i) in enumerate(rounds, 1):
         tput.append(ratio(p["ok_rps"], i["ok_rps"]))
         cpu.append(ratio(p["cpu_us_per_req"], i["cpu_us_per_req"]))
-        shared = i.get("master_on_loadgen_cpu")
         rows.append("| %d | %s | %s | %s | %s | %s | %s / %s ms |" % (
             k, fmt(p["ok_rps"], ",.0f"), fmt(i["ok_rps"], ",.0f"), fmt(tput[-1], ".2f", "x"),
-            fmt(cpu[-1], ".2f", "x"), fmt(None if shared is None else 100 * shared, ".0f", "%"),
+            fmt(cpu[-1], ".2f", "x"), pct(i.get("master_on_loadgen_cpu")),
             fmt(p.get("host_stall_ms"), ".1f"), fmt(i.get("host_stall_ms"), ".1f")))
     rows.append("| median | | | %s | %s | | |" % (fmt(median(tput), ".2f", "x"), fmt(median(cpu), ".2f", "x")))
     return "\n".join(rows)
